@@ -1,0 +1,282 @@
+"""The Universal Guidance sampler loop (Bansal et al. 2023, Algorithm 1) in ComfyUI's σ-form.
+
+Per step ``σ_i → σ_{i+1}``, repeated ``k`` times (self-recurrence) while guidance is active:
+
+1. Forward guidance: ``D = denoise(x, σ)``, ``∇ = ∇ₓ loss(decode(D))`` through decoder *and* denoiser, then
+   ``D' = D - s·unit(σ)·∇`` (``unit = b²/a``: the paper's ``s(t) = s0·sqrt(1-ᾱ_t)`` rule, see ``Settings``).
+2. Backward guidance: ``Δ = argmin loss(decode(D' + Δ))`` by ``m`` steps of Adam/SGD; ``D'' = D' + Δ``.
+3. First-order step (Euler/DDIM) from ``σ_i`` to ``σ_{i+1}`` with ``D''``.
+4. Unless this was the last repeat: re-noise back up to ``σ_i`` and go to 1.
+
+Outside guidance (no active term, or outside the window) the step is a plain Euler/DDIM step under
+``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .objective import check_window, window_contains
+from .parameterization import Parameterization
+
+log = logging.getLogger("universal_guidance")
+
+STRENGTH_MODES = ("paper", "normalized")
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the sampler, with its unit.
+
+    forward_strength (s0): ``"paper"`` mode: ``D' = D - s0·(b²/a)·∇ₓ loss`` — for SD1.x/XL (VE) this is
+        ``s0·σ²·∇``, the same number as the official code's ``s(t) = s0·sqrt(1-ᾱ_t)`` on ``ε``.
+        ``"normalized"`` mode (Polyak-style, Shen et al. 2024): the shift of the predicted noise has norm
+        ``s0·‖ε̂‖`` per image (so s0 = 0.1 means "move ε by 10 % of its norm"), whatever the loss scale.
+    schedule: multiplies s0 over the guidance window: ``constant``, ``linear`` (1 → 0), ``cosine`` (1 → 0).
+    recurrence (k): each guided step is run k times, re-noising in between (k = 1: no recurrence).
+    backward_steps (m): inner optimization steps on ``Δx̂0`` (0 disables backward guidance).
+    backward_lr: learning rate of those steps, in latent units per step.
+    backward_optimizer: ``adam`` or ``sgd``.
+    backward_early_stop: a sample stops its inner loop once its loss is below this value (0: never).
+    start_percent / end_percent: guide the steps whose index / total lies in [start, end).
+    jacobian: True back-propagates through the denoiser (paper). False takes the gradient w.r.t. ``x̂0`` only
+        (MPGD-style; about half the cost), using the same strength unit.
+    """
+
+    forward_strength: float = 1.0
+    strength_mode: str = "paper"
+    schedule: str = "constant"
+    recurrence: int = 1
+    backward_steps: int = 0
+    backward_lr: float = 0.1
+    backward_optimizer: str = "adam"
+    backward_early_stop: float = 0.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    jacobian: bool = True
+
+    def __post_init__(self):
+        if self.strength_mode not in STRENGTH_MODES:
+            raise ValueError(f"strength_mode must be one of {STRENGTH_MODES}, got {self.strength_mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.backward_optimizer not in OPTIMIZERS:
+            raise ValueError(f"backward_optimizer must be one of {OPTIMIZERS}, got {self.backward_optimizer!r}")
+        if self.recurrence < 1:
+            raise ValueError(f"recurrence (k) must be at least 1, got {self.recurrence}")
+        if self.backward_steps < 0:
+            raise ValueError(f"backward_steps (m) must be 0 or more, got {self.backward_steps}")
+        if not math.isfinite(self.forward_strength) or self.forward_strength < 0:
+            raise ValueError(f"forward_strength must be a finite number >= 0, got {self.forward_strength}")
+        if self.backward_steps and not self.backward_lr > 0:
+            raise ValueError(f"backward_lr must be > 0 when backward_steps > 0, got {self.backward_lr}")
+        check_window(self.start_percent, self.end_percent, "sampler window")
+
+    @property
+    def guides(self) -> bool:
+        return self.forward_strength > 0 or self.backward_steps > 0
+
+    def schedule_factor(self, progress: float) -> float:
+        if self.schedule == "constant":
+            return 1.0
+        span = max(self.end_percent - self.start_percent, 1e-8)
+        frac = min(max((progress - self.start_percent) / span, 0.0), 1.0)
+        if self.schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclass
+class Stats:
+    """What a run did: counts of network evaluations (forward+backward counted once) and skipped updates."""
+
+    steps: int = 0
+    iterations: int = 0
+    denoiser_calls: int = 0
+    denoiser_grad_calls: int = 0
+    decoder_calls: int = 0
+    objective_calls: int = 0
+    nonfinite_skips: int = 0
+    losses: list = field(default_factory=list)
+
+    def warn_nonfinite(self, what: str, count: int) -> None:
+        if count <= 0:
+            return
+        if self.nonfinite_skips == 0:
+            log.warning("Universal Guidance: non-finite %s for %d image(s); that update was skipped "
+                        "(further occurrences in this run are counted, not logged)", what, count)
+        self.nonfinite_skips += count
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).float().norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B]``: whether every entry of each sample is finite."""
+    return torch.isfinite(t.flatten(1)).all(dim=1)
+
+
+def _zero_nonfinite(t: torch.Tensor, stats: Stats, what: str) -> torch.Tensor:
+    ok = _finite_rows(t)
+    if bool(ok.all()):
+        return t
+    stats.warn_nonfinite(what, int((~ok).sum()))
+    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+
+
+class _Step:
+    """The guided x̂0 for one iteration: forward guidance, then backward guidance."""
+
+    def __init__(self, denoise, decode, objective, settings: Settings, param: Parameterization,
+                 stats: Stats, interrupt: Callable[[], None]):
+        self.denoise, self.decode, self.objective = denoise, decode, objective
+        self.s, self.param, self.stats, self.interrupt = settings, param, stats, interrupt
+
+    def loss(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
+        self.stats.decoder_calls += 1
+        self.stats.objective_calls += 1
+        return self.objective(self.decode(x0), progress)
+
+    def plain(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.stats.denoiser_calls += 1
+        with torch.no_grad():
+            return self.denoise(x, sigma)
+
+    def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float) -> torch.Tensor:
+        s, sig = self.s, float(sigma[0])
+        strength = s.forward_strength * s.schedule_factor(progress)
+        if strength > 0:
+            x0, grad = self._gradient(x, sigma, progress)
+            grad = _zero_nonfinite(grad, self.stats, "forward-guidance gradient")
+            if s.strength_mode == "paper":
+                shift = strength * self.param.strength_unit(sig) * grad
+            else:
+                eps = self.param.noise_of(x, x0, sig) if sig > 0 else torch.zeros_like(x0)
+                scale = strength * _per_sample_norm(eps) / _per_sample_norm(grad).clamp_min(1e-12)
+                shift = self.param.eps_to_x0_scale(sig) * scale.to(grad.dtype) * grad
+            guided = x0 - shift.to(x0.dtype)
+            ok = _finite_rows(guided).view(-1, *([1] * (x0.dim() - 1)))
+            x0 = torch.where(ok, guided, x0)
+        else:
+            x0 = self.plain(x, sigma)
+        if s.backward_steps > 0:
+            x0 = x0 + self._backward(x0, progress)
+        return x0
+
+    def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
+        """``(x̂0, ∇ loss)`` with one denoiser and one decoder forward+backward (∇ w.r.t. x or x̂0)."""
+        with torch.enable_grad():
+            if self.s.jacobian:
+                leaf = x.detach().requires_grad_(True)
+                self.stats.denoiser_calls += 1
+                self.stats.denoiser_grad_calls += 1
+                x0 = self.denoise(leaf, sigma)
+                loss = self.loss(x0, progress)
+            else:
+                x0 = self.plain(x, sigma).detach()
+                leaf = x0.requires_grad_(True)
+                loss = self.loss(leaf, progress)
+            self.stats.losses.append(loss.detach().float().cpu())
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return x0.detach(), grad.detach()
+
+    def _backward(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
+        s = self.s
+        delta = torch.zeros_like(x0, requires_grad=True)
+        if s.backward_optimizer == "adam":
+            opt = torch.optim.Adam([delta], lr=s.backward_lr)
+        else:
+            opt = torch.optim.SGD([delta], lr=s.backward_lr)
+        running = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+        view = (-1,) + (1,) * (x0.dim() - 1)
+        for _ in range(s.backward_steps):
+            self.interrupt()
+            with torch.enable_grad():
+                loss = self.loss(x0 + delta, progress)
+                if s.backward_early_stop > 0:
+                    running = running & (loss.detach() >= s.backward_early_stop)
+                    if not bool(running.any()):
+                        break
+                (grad,) = torch.autograd.grad((loss * running).sum(), delta)
+            before = delta.detach().clone()
+            delta.grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                keep = running.view(view) & _finite_rows(delta).view(view)
+                delta.copy_(torch.where(keep, delta, before))
+        return delta.detach()
+
+
+def total_iterations(n_steps: int, guidance, settings: Settings) -> int:
+    """Denoiser evaluations of the outer loop: ``k`` for every guided step, 1 for the others."""
+    return sum(settings.recurrence if _is_guided(i, n_steps, guidance, settings) else 1 for i in range(n_steps))
+
+
+def _is_guided(i: int, n_steps: int, guidance, settings: Settings) -> bool:
+    progress = i / n_steps
+    return (settings.guides and window_contains(settings.start_percent, settings.end_percent, progress)
+            and guidance is not None and guidance.active(progress))
+
+
+def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     x: torch.Tensor,
+                     sigmas: torch.Tensor,
+                     *,
+                     guidance,
+                     decode: Callable[[torch.Tensor], torch.Tensor],
+                     settings: Settings = Settings(),
+                     parameterization: Parameterization,
+                     callback: Optional[Callable[[dict], None]] = None,
+                     on_iteration: Optional[Callable[[int, int], None]] = None,
+                     interrupt: Optional[Callable[[], None]] = None,
+                     generator: Optional[torch.Generator] = None,
+                     stats: Optional[Stats] = None) -> torch.Tensor:
+    """Sample with Universal Guidance. k-diffusion conventions: ``x`` is already scaled to ``sigmas[0]``.
+
+    denoise(x, σ·ones[B]) → x̂0 (CFG applied); decode(latent) → RGB ``[B,3,H,W]`` in [0,1] (differentiable);
+    guidance(image, progress) → loss ``[B]`` with ``guidance.active(progress)``; generator: the source of the
+    re-noise of self-recurrence (CPU generator; noise is moved to ``x``'s device).
+    on_iteration(done, total) counts outer iterations (steps × k where guided); interrupt() is called inside
+    every inner loop and may raise to stop the run.
+    """
+    stats = stats if stats is not None else Stats()
+    interrupt = interrupt or (lambda: None)
+    n_steps = len(sigmas) - 1
+    total = total_iterations(n_steps, guidance, settings)
+    step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt)
+    ones = x.new_ones([x.shape[0]])
+    done = 0
+    for i in range(n_steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        progress = i / n_steps
+        guided = _is_guided(i, n_steps, guidance, settings)
+        repeats = settings.recurrence if guided else 1
+        for r in range(repeats):
+            interrupt()
+            s_in = sigmas[i] * ones
+            x0 = step.guided(x, s_in, progress) if guided else step.plain(x, s_in)
+            x_next = parameterization.step(x, x0, sigma, sigma_next)
+            if r < repeats - 1:
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")
+                x_before = x
+                x = parameterization.renoise(x_next, sigma_next, sigma, noise.to(x.device, x.dtype))
+                if not bool(_finite_rows(x).all()):
+                    stats.warn_nonfinite("re-noised latent", int((~_finite_rows(x)).sum()))
+                    x = torch.where(_finite_rows(x).view(-1, *([1] * (x.dim() - 1))), x, x_before)
+            done += 1
+            stats.iterations += 1
+            if on_iteration is not None:
+                on_iteration(done, total)
+        if callback is not None:
+            callback({"i": i, "denoised": x0.detach(), "x": x.detach(), "sigma": sigmas[i], "sigma_hat": sigmas[i]})
+        x = x_next.detach()
+        stats.steps += 1
+    return x

@@ -1,0 +1,83 @@
+"""Guidance-loss nodes: each adds one term to an incoming UG_GUIDANCE and returns a new one."""
+from __future__ import annotations
+
+from ..guidance import Guidance, GuidanceTerm, ImageLoss
+from ..guidance.preprocess import to_bchw
+from .comfy_bridge import GuidanceInputError
+
+CATEGORY = "sampling/universal guidance/losses"
+
+
+def term_inputs(default_weight: float, weight_tooltip: str) -> dict:
+    """Inputs every guidance-loss node has: the chain input, the weight and the step window."""
+    return {
+        "weight": ("FLOAT", {"default": default_weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
+                             "tooltip": weight_tooltip}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "This term guides from this fraction of the run's steps on."}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "This term stops guiding at this fraction of the run's steps "
+                                             "(1 = to the end)."}),
+    }
+
+
+CHAIN_INPUT = {"guidance": ("UG_GUIDANCE", {"tooltip": "Optional guidance terms to add this one to (chain "
+                                                       "several loss nodes into one sampler)."})}
+
+
+def add_term(node: str, guidance, name: str, loss, weight: float, start_percent: float,
+             end_percent: float) -> tuple:
+    """A new UG_GUIDANCE with the term appended; the incoming one is never changed."""
+    base = guidance if isinstance(guidance, Guidance) else Guidance()
+    try:
+        term = GuidanceTerm(name, loss, weight, start_percent, end_percent)
+    except ValueError as e:
+        raise GuidanceInputError(f"{node}: {e}") from None
+    return (base.add(term),)
+
+
+def window_check(start_percent=0.0, end_percent=1.0):
+    if start_percent >= end_percent:
+        return f"start_percent ({start_percent}) must be smaller than end_percent ({end_percent})"
+    return True
+
+
+class UniversalGuidanceImage:
+    NAME = "UG Image Guidance"
+    DESCRIPTION = ("Pulls the decoded image towards a reference image (masked L2 or L1 in RGB) — the paper's "
+                   "inpainting-style guidance. With a mask only the masked region is guided.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "Reference image; resized (bilinear) to the generated size."}),
+                "loss": (["l2", "l1"], {"default": "l2", "tooltip": "Per-pixel distance: l2 (squared) or l1, "
+                                                                    "averaged over the guided pixels, RGB in [0,1]."}),
+                **term_inputs(100.0, "Multiplies this loss (mean squared RGB error in [0,1]²); with the sampler "
+                                     "in 'paper' mode the step is forward_strength × weight × σ² × gradient."),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Where to guide: 1 (white) = pull towards the reference, 0 = free. "
+                                             "Resized to the generated size."}),
+                **CHAIN_INPUT,
+            },
+        }
+
+    RETURN_TYPES = ("UG_GUIDANCE",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return window_check(start_percent, end_percent)
+
+    def build(self, image, loss, weight, start_percent, end_percent, mask=None, guidance=None):
+        node = self.NAME
+        try:
+            ref = to_bchw(image)
+            m = None if mask is None else (mask.unsqueeze(0) if mask.dim() == 2 else mask).unsqueeze(1)
+            term = ImageLoss(ref, m, loss)
+        except ValueError as e:
+            raise GuidanceInputError(f"{node}: input 'image'/'mask': {e}") from None
+        return add_term(node, guidance, "image", term, weight, start_percent, end_percent)

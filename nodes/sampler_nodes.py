@@ -1,0 +1,195 @@
+"""The Universal Guidance KSampler and the SAMPLER node for SamplerCustom / SamplerCustomAdvanced."""
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..guidance import Guidance, Settings
+from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
+from . import comfy_bridge
+from .comfy_bridge import GuidanceInputError
+
+CATEGORY = "sampling/universal guidance"
+
+# The guidance knobs shared by both sampler nodes, in widget order. Units are stated in every tooltip.
+GUIDANCE_KNOBS = {
+    "forward_strength": ("FLOAT", {
+        "default": 1.0, "min": 0.0, "max": 1.0e6, "step": 0.01,
+        "tooltip": "Forward guidance strength s0. 'paper' mode: x̂0 ← x̂0 − s0·σ²·∇ₓloss (SD1.x/XL; b²/a·∇ for "
+                   "flow models) — the official code's s(t)=s0·sqrt(1−ᾱ_t); guidance-node weights multiply it. "
+                   "'normalized' mode: the predicted noise moves by s0·‖ε‖ (0.05–0.5 is typical). 0 disables."}),
+    "recurrence": ("INT", {
+        "default": 1, "min": 1, "max": 100,
+        "tooltip": "Self-recurrence k: each guided step is taken k times, re-noising back in between. Costs k× "
+                   "per guided step; the paper uses 2–10."}),
+    "backward_steps": ("INT", {
+        "default": 0, "min": 0, "max": 200,
+        "tooltip": "Backward guidance m: optimization steps on a correction Δx̂0 of the clean latent per guided "
+                   "iteration (0 disables). Each costs one VAE decode + guidance network forward/backward."}),
+    "backward_lr": ("FLOAT", {
+        "default": 0.1, "min": 0.0, "max": 100.0, "step": 0.001,
+        "tooltip": "Learning rate of the backward steps, in latent units per step (Adam: about the per-element "
+                   "change per step)."}),
+    "start_percent": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+        "tooltip": "Guide only from this fraction of the run's steps on (0 = first step)."}),
+    "end_percent": ("FLOAT", {
+        "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+        "tooltip": "Stop guiding at this fraction of the run's steps (1 = guide to the end). Steps outside "
+                   "[start, end) are plain DDIM steps with no extra cost."}),
+}
+ADVANCED_KNOBS = {
+    "strength_mode": (list(STRENGTH_MODES), {
+        "default": "paper",
+        "tooltip": "'paper': fixed strength s0 in the paper's unit. 'normalized' (Shen et al. 2024): the "
+                   "gradient is rescaled so the noise moves by s0·‖ε‖ — one setting works across losses."}),
+    "schedule": (list(SCHEDULES), {
+        "default": "constant",
+        "tooltip": "How the forward strength changes across the guidance window: constant, or linear / cosine "
+                   "decay from s0 to 0."}),
+    "backward_optimizer": (list(OPTIMIZERS), {
+        "default": "adam", "tooltip": "Optimizer of the backward steps."}),
+    "backward_early_stop": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 1.0e6, "step": 0.001,
+        "tooltip": "An image stops its backward steps once its guidance loss is below this value (0 = never)."}),
+    "jacobian": ("BOOLEAN", {
+        "default": True,
+        "tooltip": "On: back-propagate through the diffusion model (paper). Off: gradient w.r.t. the clean "
+                   "prediction only (MPGD-style), roughly half the cost per guided step."}),
+}
+GUIDANCE_INPUTS = {
+    "vae": ("VAE", {"tooltip": "VAE used to decode the clean prediction for the guidance networks (the one "
+                               "that matches the model)."}),
+    "guidance": ("UG_GUIDANCE", {"tooltip": "Guidance terms, from one or more chained Universal Guidance "
+                                            "loss nodes (e.g. Image Guidance)."}),
+}
+
+
+def settings_from(node: str, **kw) -> Settings:
+    try:
+        return Settings(
+            forward_strength=kw["forward_strength"], recurrence=kw["recurrence"],
+            backward_steps=kw["backward_steps"], backward_lr=kw["backward_lr"],
+            start_percent=kw["start_percent"], end_percent=kw["end_percent"],
+            strength_mode=kw.get("strength_mode", "paper"), schedule=kw.get("schedule", "constant"),
+            backward_optimizer=kw.get("backward_optimizer", "adam"),
+            backward_early_stop=kw.get("backward_early_stop", 0.0), jacobian=kw.get("jacobian", True))
+    except ValueError as e:
+        raise GuidanceInputError(f"{node}: {e}") from None
+
+
+def check_guidance(node: str, guidance) -> Guidance:
+    if not isinstance(guidance, Guidance) or len(guidance) == 0:
+        raise GuidanceInputError(
+            f"{node}: input 'guidance' holds no guidance term. Connect a Universal Guidance loss node "
+            f"(e.g. 'UG Image Guidance') to it, or use the stock KSampler for unguided sampling.")
+    if all(t.weight == 0 for t in guidance.terms):
+        raise GuidanceInputError(
+            f"{node}: input 'guidance': every guidance term has weight 0, so nothing would be guided; "
+            f"give at least one term a non-zero weight")
+    return guidance
+
+
+def check_vae(node: str, vae):
+    if vae is None or not hasattr(vae, "first_stage_model"):
+        raise GuidanceInputError(f"{node}: input 'vae' is missing; connect the VAE that matches the model "
+                                 f"(e.g. the VAE output of Load Checkpoint)")
+    return vae
+
+
+def _window_error(start_percent, end_percent):
+    if start_percent >= end_percent:
+        return f"start_percent ({start_percent}) must be smaller than end_percent ({end_percent})"
+    return True
+
+
+class UniversalGuidanceSampler:
+    """A SAMPLER for the stock SamplerCustom / SamplerCustomAdvanced."""
+
+    NAME = "Universal Guidance Sampler"
+    DESCRIPTION = ("Universal Guidance (Bansal et al. 2023) as a SAMPLER: DDIM/Euler steps with forward guidance "
+                   "through the decoded clean prediction, optional backward guidance and self-recurrence.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**GUIDANCE_INPUTS, **GUIDANCE_KNOBS}, "optional": dict(ADVANCED_KNOBS)}
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return _window_error(start_percent, end_percent)
+
+    def get_sampler(self, vae, guidance, **knobs):
+        node = self.NAME
+        guidance = check_guidance(node, guidance)
+        vae = check_vae(node, vae)
+        settings = settings_from(node, **knobs)
+        return (comfy_bridge.ksampler(guidance, settings, vae, node),)
+
+
+class UniversalGuidanceKSampler:
+    """KSampler-style convenience node over the same SAMPLER."""
+
+    NAME = "Universal Guidance KSampler"
+    DESCRIPTION = ("Samples like KSampler, steered by Universal Guidance terms (CLIP, segmentation, face, "
+                   "detection, style, image) evaluated on the decoded clean prediction at every guided step.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x/2.x/XL; SD3/Flux on hosts that have them)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Positive prompt conditioning."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning."}),
+                "latent_image": ("LATENT", {"tooltip": "The latent to start from (Empty Latent Image, or an "
+                                                       "encoded image with denoise < 1)."}),
+                **GUIDANCE_INPUTS,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                 "tooltip": "Seed of the initial noise (and, derived from it, of the re-noise of "
+                                            "self-recurrence)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 10000,
+                                  "tooltip": "Number of sampling steps (DDIM/Euler)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale (1 = off, half the cost)."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                    "tooltip": "Noise schedule (the σ of each step)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Fraction of the schedule to run (1 = from pure noise)."}),
+                **GUIDANCE_KNOBS,
+            },
+            "optional": dict(ADVANCED_KNOBS),
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return _window_error(start_percent, end_percent)
+
+    def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
+               denoise, **knobs):
+        node = self.NAME
+        guidance = check_guidance(node, guidance)
+        vae = check_vae(node, vae)
+        settings = settings_from(node, **knobs)
+        if denoise <= 0:
+            return (latent_image,)
+        sampler = comfy_bridge.ksampler(guidance, settings, vae, node)
+        sigmas = comfy_bridge.sigmas_for(model, scheduler, steps, denoise)
+        latent = latent_image["samples"]
+        if hasattr(comfy.sample, "fix_empty_latent_channels"):
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        samples = comfy.sample.sample_custom(
+            model, noise, cfg, sampler, sigmas, positive, negative, latent,
+            noise_mask=latent_image.get("noise_mask"), disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+            seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return (out,)
