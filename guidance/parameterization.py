@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Smallest signal coefficient used when a strength is divided by a(σ). Only the flow family reaches a(σ) = 0
-# (σ = 1, pure noise); there the paper's unit b²/a is unbounded, so it is capped at b²/A_MIN.
+# Smallest signal coefficient a strength is divided by. Only the flow family reaches a(σ) = 0 (σ = 1, pure
+# noise), where the paper's unit b²/a is unbounded: the sampler applies no forward guidance where a < A_MIN.
 A_MIN = 1e-2
 
 

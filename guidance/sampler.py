@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .objective import check_window, window_contains
-from .parameterization import Parameterization
+from .parameterization import A_MIN, Parameterization
 
 log = logging.getLogger("universal_guidance")
 
@@ -131,6 +131,14 @@ def _zero_nonfinite(t: torch.Tensor, stats: Stats, what: str) -> torch.Tensor:
     return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
 
 
+def _input_grad(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``∇_leaf Σ loss``; zeros where the loss does not depend on ``leaf`` (e.g. a term that skipped a step)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(leaf)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)
+    return torch.zeros_like(leaf) if grad is None else grad.detach()
+
+
 class _Step:
     """The guided x̂0 for one iteration: forward guidance, then backward guidance."""
 
@@ -152,7 +160,9 @@ class _Step:
     def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float) -> torch.Tensor:
         s, sig = self.s, float(sigma[0])
         strength = s.forward_strength * s.schedule_factor(progress)
-        if strength > 0:
+        # Where a(σ) ≈ 0 (flow at σ = 1, pure noise) x̂0 carries no information about x and the strength unit
+        # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
+        if strength > 0 and self.param.a(sig) >= A_MIN:
             x0, grad = self._gradient(x, sigma, progress)
             grad = _zero_nonfinite(grad, self.stats, "forward-guidance gradient")
             if s.strength_mode == "paper":
@@ -184,8 +194,8 @@ class _Step:
                 leaf = x0.requires_grad_(True)
                 loss = self.loss(leaf, progress)
             self.stats.losses.append(loss.detach().float().cpu())
-            (grad,) = torch.autograd.grad(loss.sum(), leaf)
-        return x0.detach(), grad.detach()
+            grad = _input_grad(loss, leaf)
+        return x0.detach(), grad
 
     def _backward(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
         s = self.s
@@ -204,7 +214,7 @@ class _Step:
                     running = running & (loss.detach() >= s.backward_early_stop)
                     if not bool(running.any()):
                         break
-                (grad,) = torch.autograd.grad((loss * running).sum(), delta)
+                grad = _input_grad(loss * running, delta)
             before = delta.detach().clone()
             delta.grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
             opt.step()
