@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 from headless.host import Host, default_comfyui_path  # noqa: E402
 
-CHECKPOINT = "ug-tiny-sd15-v1.safetensors"  # bump the version when tiny_models changes
+CHECKPOINT = "ug-tiny-sd15-v1.safetensors"  # bump the version when headless/random_models.py changes
 
 
 @pytest.fixture(scope="session")
@@ -25,9 +25,9 @@ def host(tmp_path_factory):
     cache = os.path.join(ROOT, "out", "test-models", "checkpoints")
     os.makedirs(cache, exist_ok=True)
     h = Host(path, str(workdir), extra_model_dirs={"checkpoints": cache})
-    import tiny_models
+    from headless import random_models
     target = os.path.join(cache, CHECKPOINT)
     if not os.path.exists(target):
-        tiny_models.write_sd15_checkpoint(target + ".part")
+        random_models.write_sd15_checkpoint(target + ".part")
         os.replace(target + ".part", target)
     return h

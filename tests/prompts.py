@@ -55,3 +55,18 @@ def samplercustom_guided(checkpoint: str, reference: str, *, seed=0, steps=4, cf
     p["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
     p["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"ugc_{seed}"}}
     return p
+
+
+def samplercustomadvanced_guided(checkpoint: str, reference: str, *, seed=0, steps=4, cfg=2.0, size=64,
+                                 knobs=None, weight=100.0) -> dict:
+    """SamplerCustomAdvanced (ComfyUI 2024-04 and later) with the Universal Guidance SAMPLER."""
+    p = samplercustom_guided(checkpoint, reference, seed=seed, steps=steps, cfg=cfg, size=size, knobs=knobs,
+                             weight=weight)
+    p["22"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
+    p["23"] = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0],
+                                                     "negative": ["3", 0], "cfg": cfg}}
+    p["5"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["22", 0], "guider": ["23", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+        "latent_image": ["4", 0]}}
+    p["7"]["inputs"]["filename_prefix"] = f"ugca_{seed}"
+    return p

@@ -1,4 +1,4 @@
-"""Tiny randomly initialized models in the real file formats, written at test time.
+"""Randomly initialized models in the real file formats, written at test or benchmark time.
 
 The SD1.5-architecture checkpoint keeps what ComfyUI's model detection needs (320 model channels, 768-wide
 cross-attention, conv proj_in, the SD1 CLIP-L text encoder and the SD VAE) and shrinks the rest: two UNet
@@ -48,10 +48,10 @@ def _meta_shapes(module: torch.nn.Module) -> dict:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def unet_state_dict(generator):
+def unet_state_dict(generator, config: dict | None = None):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
-    cfg = dict(UNET_CONFIG)
+    cfg = dict(config or UNET_CONFIG)
     with torch.device("meta"):
         unet = UNetModel(**cfg, operations=comfy.ops.disable_weight_init)
     # A smaller output layer keeps the random ε-prediction O(1).
@@ -88,10 +88,20 @@ def clip_l_state_dict(generator, prefix="cond_stage_model.transformer.text_model
     return {prefix + k: v for k, v in sd.items()}
 
 
-def write_sd15_checkpoint(path: str, seed: int = 0) -> str:
-    """An SD1.5-architecture checkpoint (UNet + CLIP-L + VAE), random weights, safetensors."""
+# The real SD1.5 UNet (860M parameters), for speed measurements.
+FULL_SD15_UNET = dict(UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0] * 3 + [1] * 9,
+                      transformer_depth_middle=1)
+
+
+def write_sd15_checkpoint(path: str, seed: int = 0, unet_config: dict | None = None,
+                          dtype=torch.float32) -> str:
+    """An SD1.5-architecture checkpoint (UNet + CLIP-L + VAE), random weights, safetensors.
+
+    ``unet_config``: ``UNET_CONFIG`` (tiny, the default) or ``FULL_SD15_UNET``.
+    """
     g = torch.Generator().manual_seed(seed)
-    sd = {"model.diffusion_model." + k: v for k, v in unet_state_dict(g).items()}
+    sd = {"model.diffusion_model." + k: v.to(dtype) for k, v in unet_state_dict(g, unet_config).items()}
     sd.update({"first_stage_model." + k: v for k, v in vae_state_dict(g).items()})
     sd.update(clip_l_state_dict(g))
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
