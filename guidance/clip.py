@@ -111,7 +111,8 @@ def load_clip(arch: str, weights_path: Optional[str] = None, device="cpu", *,
             load_into(model, sd, weights_path, f"open_clip {arch}")
     model.ug_arch = arch
     _freeze(model)
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    with torch.inference_mode(False):
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
 class _DropRandomInitWarning(logging.Filter):

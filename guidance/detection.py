@@ -157,7 +157,8 @@ def load_detection_model(weights_path: Optional[str] = None, device="cpu", *, mi
     if weights_path is not None:
         load_into(model, load_state_dict_file(weights_path), weights_path, "fasterrcnn_resnet50_fpn_v2")
     model.eval().requires_grad_(False)
-    return model.to(device)
+    with torch.inference_mode(False):
+        return model.to(device)
 
 
 LOSS_TERMS = ("loss_classifier", "loss_objectness", "loss_rpn_box_reg")
@@ -183,7 +184,8 @@ class DetectionLoss:
         if not hasattr(model, "roi_heads") or not hasattr(model, "rpn"):
             raise TypeError(f"expected a torchvision Faster R-CNN model, got {type(model)}")
         self.model = model.eval().requires_grad_(False)
-        self.target = target
+        with torch.inference_mode(False):  # normal tensors even if given under inference_mode
+            self.target = BoxTarget(target.boxes.detach().clone(), target.labels.detach().clone())
         self.terms = LOSS_TERMS + (("loss_box_reg",) if box_regression else ())
         self.seed = int(seed)
         self.calls = 0

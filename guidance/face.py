@@ -54,7 +54,8 @@ def load_face_model(weights_path: Optional[str] = None, device="cpu") -> torch.n
         sd = {k: v for k, v in sd.items() if not k.startswith("logits.")}
         load_into(model, sd, weights_path, "InceptionResnetV1")
     model.eval().requires_grad_(False)
-    return model.to(device)
+    with torch.inference_mode(False):
+        return model.to(device)
 
 
 def build_face_detector(device="cpu", **kwargs) -> torch.nn.Module:
@@ -133,9 +134,12 @@ class FaceLoss:
     """
 
     def __init__(self, model: torch.nn.Module, reference: torch.Tensor, *, detector=None, loss: str = "l1",
-                 margin: float = 0.0, crop_size: int = FACE_CROP_SIZE):
+                 margin: float = 0.0, crop_size: int = FACE_CROP_SIZE, crop: str = "detect"):
         if loss not in ("l1", "cosine"):
             raise ValueError(f"face loss must be 'l1' or 'cosine', got {loss!r}")
+        if crop not in ("detect", "full"):
+            raise ValueError(f"face crop must be 'detect' (MTCNN) or 'full' (the whole image), got {crop!r}")
+        self.crop = crop
         if reference.dim() == 3 and reference.shape[0] == 3:
             reference = reference.unsqueeze(0)
         if reference.dim() != 4 or reference.shape[1] != 3:
@@ -144,7 +148,10 @@ class FaceLoss:
         if not 0 <= margin < crop_size:
             raise ValueError(f"margin must lie in [0, crop_size), got {margin}")
         self.model = model.eval().requires_grad_(False)
-        self.detector = detector if detector is not None else build_face_detector(self.device)
+        if crop == "full":
+            self.detector = None
+        else:
+            self.detector = detector if detector is not None else build_face_detector(self.device)
         self.kind = loss
         self.margin = float(margin)
         self.crop_size = int(crop_size)
@@ -152,7 +159,7 @@ class FaceLoss:
         self.misses = 0
         with torch.inference_mode(False), torch.no_grad():
             ref = reference.detach().float().to(self.device)
-            boxes = detect_faces(self.detector, ref)
+            boxes = self._boxes(ref)
             missing = [i for i, b in enumerate(boxes) if b is None]
             if missing:
                 which = "the reference image" if len(boxes) == 1 else f"reference image(s) {missing}"
@@ -177,8 +184,10 @@ class FaceLoss:
         device = torch.device(device)
         with torch.inference_mode(False):
             self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
-            self.detector.to(device)
-        self.detector.device = device
+            if self.detector is not None:
+                self.detector.to(device)
+        if self.detector is not None:
+            self.detector.device = device
         self.reference_embedding = self.reference_embedding.to(device)
         return self
 
@@ -192,6 +201,13 @@ class FaceLoss:
         return (f"no face found in {self.misses} of {self.evaluations} evaluations; "
                 f"those steps were not face-guided")
 
+    def _boxes(self, image: torch.Tensor) -> list:
+        """MTCNN's box per image, or the whole image in "full" mode (for close-up portraits)."""
+        if self.crop == "full":
+            h, w = image.shape[-2:]
+            return [(0.0, 0.0, float(w), float(h))] * image.shape[0]
+        return detect_faces(self.detector, image)
+
     def _embed(self, image: torch.Tensor, boxes: list):
         crops, found = crop_faces(image.to(self.dtype), boxes, size=self.crop_size, margin=self.margin)
         if not found:
@@ -204,7 +220,7 @@ class FaceLoss:
         if self.device != image.device:
             self.prepare(image.device)
         batch = image.shape[0]
-        boxes = detect_faces(self.detector, image)
+        boxes = self._boxes(image)
         # Samples without a face: 0, still attached to the graph (zero gradient) so autograd never fails.
         loss = image.float().sum(dim=(1, 2, 3)) * 0.0
         emb, found = self._embed(image, boxes)

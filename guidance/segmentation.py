@@ -165,14 +165,16 @@ def load_segmentation_model(arch: str, weights_path: Optional[str] = None, devic
         sd = load_state_dict_file(weights_path)
         aux = any(k.startswith("aux_classifier.") for k in sd)
         if aux and not _HAS_AUX.get(arch, False):
-            raise RuntimeError(f"{weights_path!r} has an auxiliary head, which {arch} does not have: wrong architecture?")
+            raise RuntimeError(f"{weights_path!r} has an auxiliary head, which {arch} does not have: "
+                               f"wrong architecture?")
     model = build_segmentation_model(arch, num_classes=num_classes, aux_loss=aux)
     if sd is not None:
         load_into(model, sd, weights_path, arch)
     if not keep_aux and getattr(model, "aux_classifier", None) is not None:
         model.aux_classifier = None
     model.eval().requires_grad_(False)
-    return model.to(device)
+    with torch.inference_mode(False):
+        return model.to(device)
 
 
 def _num_classes(model: torch.nn.Module) -> Optional[int]:
@@ -220,7 +222,8 @@ class SegmentationLoss:
         if input_size is not None and int(input_size) < 8:
             raise ValueError(f"input_size must be >= 8 or None, got {input_size}")
         self.model = model.eval().requires_grad_(False)
-        self.target = target.detach().cpu()
+        with torch.inference_mode(False):
+            self.target = target.detach().cpu().clone()  # a normal tensor even if given under inference_mode
         self.input_size = None if input_size is None else int(input_size)
         self.ignore_index = int(ignore_index)
         self.num_classes = n_cls

@@ -1,0 +1,111 @@
+"""Randomly initialised guidance networks of the real architectures, written in the real file formats.
+
+Shared by the network unit tests and the ComfyUI integration tests. BatchNorm statistics are calibrated on a few
+real images (weights stay random): without that a random deep net maps every input to almost the same output.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def smooth_image(batch, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, 8, 8, generator=g)
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def perturb_(model, scale=0.2, seed=0):
+    """Give a freshly initialised network non-trivial weights (e.g. zero-initialised residual BNs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            spread = float(p.std()) if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=g) * scale * (spread if spread > 0 else 1.0))
+    return model
+
+
+def astronaut(size=None):
+    from skimage import data
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    return img if size is None else F.interpolate(img, size=size, mode="bilinear", antialias=True)
+
+
+def coffee(size=None):
+    from skimage import data
+    img = torch.from_numpy(data.coffee()).permute(2, 0, 1)[None].float() / 255
+    return img if size is None else F.interpolate(img, size=size, mode="bilinear", antialias=True)
+
+
+def calibrate_bn_(model, forward, images):
+    """Data-dependent BatchNorm statistics for a randomly initialised net (weights stay random): without them a
+    random deep net maps every input to almost the same output, and descent tests measure rounding noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        forward(images)
+    model.eval()
+    return model
+
+
+def calibration_images(size):
+    return torch.cat([smooth_image(4, size, seed=9), coffee(size), astronaut(size)])
+
+
+def write_tiny_clip(folder: str, vision: str = "vit", seed: int = 0) -> tuple:
+    """A tiny open_clip model (registered config) saved as ``<arch>-random.safetensors``: ``(arch, path)``."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from guidance import clip as ug_clip
+    name = ug_clip.register_tiny_clip_config(vision=vision)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    if vision != "vit":
+        from guidance.preprocess import CLIP_MEAN, CLIP_STD, normalize
+        perturb_(model, scale=0.5)
+        calibrate_bn_(model, lambda x: model.encode_image(normalize(x, CLIP_MEAN, CLIP_STD)),
+                      calibration_images((64, 64)))
+    path = os.path.join(folder, f"{name}-random.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return name, path
+
+
+def write_lraspp(folder: str, seed: int = 0) -> str:
+    from guidance import segmentation as ug_seg
+    from guidance.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+    torch.manual_seed(seed)
+    model = ug_seg.build_segmentation_model("lraspp_mobilenet_v3_large")
+    calibrate_bn_(model, lambda x: model(normalize(x, IMAGENET_MEAN, IMAGENET_STD)), calibration_images((96, 96)))
+    path = os.path.join(folder, "lraspp_mobilenet_v3_large-random.pth")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def write_face_net(folder: str, seed: int = 0, name: str = "20180402-114759-vggface2.pt") -> str:
+    """InceptionResnetV1 with the published file's layout (incl. the 8631-class classifier)."""
+    from guidance.face import build_face_model, standardize
+    torch.manual_seed(seed)
+    model = build_face_model()
+    crops = torch.cat([astronaut(200)[..., i:i + 160, j:j + 160] for i in (0, 40) for j in (0, 40)])
+    calibrate_bn_(model, lambda x: model(standardize(x)), torch.cat([crops, calibration_images((160, 160))]))
+    sd = dict(model.state_dict())
+    sd["logits.weight"] = torch.randn(8631, 512) * 0.01
+    sd["logits.bias"] = torch.zeros(8631)
+    path = os.path.join(folder, name)
+    torch.save(sd, path)
+    return path
+
+
+def write_detector(folder: str, seed: int = 0) -> str:
+    from guidance import detection as ug_det
+    torch.manual_seed(seed)
+    model = ug_det.build_detection_model()
+    path = os.path.join(folder, "fasterrcnn_resnet50_fpn_v2-random.pth")
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,270 @@
+"""The five guidance-loss nodes in a real ComfyUI: tiny random networks of the real architectures, saved in the
+real file formats in the folders the nodes look in, loaded by the nodes; each term must lower its own loss on the
+final image versus the unguided image of the same seed."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import guidance as G
+import prompts
+import random_networks as rn
+from conftest import CHECKPOINT
+
+SIZE = 32
+STEPS = 3
+
+try:
+    import facenet_pytorch  # noqa: F401
+    HAVE_FACENET = True
+except ImportError:
+    HAVE_FACENET = False
+
+
+@pytest.fixture(scope="module")
+def nets(host):
+    """Write every network once and register its folder with folder_paths (as extra_model_paths.yaml would)."""
+    import folder_paths
+    files = {}
+    for key in ("ug_clip", "ug_segmentation", "ug_face", "ug_detection"):
+        d = os.path.join(host.workdir, "models", "universal_guidance", key[3:])
+        os.makedirs(d, exist_ok=True)
+        folder_paths.add_model_folder_path(key, d)
+        files[key] = d
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    files["clip_vit"] = rn.write_tiny_clip(files["ug_clip"], "vit")
+    files["clip_rn"] = rn.write_tiny_clip(files["ug_clip"], "resnet")
+    files["seg"] = rn.write_lraspp(files["ug_segmentation"])
+    files["det"] = rn.write_detector(files["ug_detection"])
+    if HAVE_FACENET:
+        files["face"] = rn.write_face_net(files["ug_face"])
+    ref = (rn.astronaut((SIZE, SIZE))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(ref).save(os.path.join(host.workdir, "input", "ug_face_ref.png"))
+    style = (rn.coffee((SIZE, SIZE))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(style).save(os.path.join(host.workdir, "input", "ug_style.png"))
+    seg = np.zeros((SIZE, SIZE, 3), np.uint8)
+    seg[:, SIZE // 2:] = (192, 128, 128)  # VOC "person" colour on the right half, background on the left
+    Image.fromarray(seg).save(os.path.join(host.workdir, "input", "ug_seg.png"))
+    return files
+
+
+def graph(term_nodes: dict, guidance_ref, *, seed: int, knobs: dict) -> dict:
+    p = prompts.base(CHECKPOINT, size=SIZE)
+    p.update(term_nodes)
+    p["5"] = {"class_type": "UniversalGuidanceKSampler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+        "vae": ["1", 2], "guidance": guidance_ref, "seed": seed, "steps": STEPS, "cfg": 1.0,
+        "scheduler": "normal", "denoise": 1.0, **{**prompts.KNOBS, **knobs}}}
+    p["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
+    p["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"net_{seed}"}}
+    return p
+
+
+def window(weight):
+    return {"weight": weight, "start_percent": 0.0, "end_percent": 1.0}
+
+
+def clip_text_node(nets, chain=None):
+    arch, path = nets["clip_vit"]
+    node = {"class_type": "UniversalGuidanceCLIPText", "inputs": {
+        "text": "a red apple", "clip_model": os.path.basename(path), "architecture": "auto (from file)",
+        "cutouts": 0, **window(1.0)}}
+    if chain:
+        node["inputs"]["guidance"] = chain
+    return node
+
+
+def seg_node(nets, chain=None):
+    node = {"class_type": "UniversalGuidanceSegmentation", "inputs": {
+        "model": os.path.basename(nets["seg"]), "architecture": "auto (from file)", "class_name": "person",
+        "outside_mask": "background", "input_size": 64, "segmentation_map": ["30", 0], **window(1.0)}}
+    if chain:
+        node["inputs"]["guidance"] = chain
+    return node
+
+
+def final_image(host, result):
+    info = result.outputs["7"]["images"][0]
+    arr = np.asarray(Image.open(os.path.join(host.workdir, "output", info["filename"])).convert("RGB"))
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def run_pair(host, term_nodes, ref, seed, strength=1.5):
+    """(unguided image, guided image) with the same seed; guidance in normalized mode (loss-scale free)."""
+    out = []
+    for s in (0.0, strength):
+        result = host.run(graph(term_nodes, ref, seed=seed,
+                                knobs={"forward_strength": s, "strength_mode": "normalized"}))
+        err = result.error()
+        assert result.success, err and (err["exception_message"], err["traceback"][-3:]) or result.messages
+        out.append(final_image(host, result))
+    return out
+
+
+def assert_lowered(loss_fn, unguided, guided, margin=0.02):
+    with torch.no_grad():
+        lu, lg = float(loss_fn(unguided)[0]), float(loss_fn(guided)[0])
+    assert lg < lu - margin * max(abs(lu), 1e-3), (lg, lu)
+
+
+def load_image_node(name, node_id):
+    return {node_id: {"class_type": "LoadImage", "inputs": {"image": name}}}
+
+
+def test_clip_text_node_lowers_its_loss(host, nets):
+    arch, path = nets["clip_vit"]
+    unguided, guided = run_pair(host, {"40": clip_text_node(nets)}, ["40", 0], seed=3)
+    assert_lowered(G.CLIPTextLoss(G.load_clip(arch, path), "a red apple"), unguided, guided)
+
+
+def test_segmentation_node_lowers_its_loss(host, nets):
+    from guidance import segmentation as S
+    nodes_ = {**load_image_node("ug_seg.png", "30"), "41": seg_node(nets)}
+    unguided, guided = run_pair(host, nodes_, ["41", 0], seed=4)
+    target = S.colors_to_class_map(torch.from_numpy(np.asarray(Image.open(
+        os.path.join(host.workdir, "input", "ug_seg.png"))).astype(np.float32) / 255)[None])
+    net = S.load_segmentation_model("lraspp_mobilenet_v3_large", nets["seg"])
+    assert_lowered(S.SegmentationLoss(net, target, input_size=64), unguided, guided)
+
+
+def test_detection_node_lowers_its_loss(host, nets):
+    from guidance import detection as D
+    boxes = "2,2,20,30,person; 16,8,30,24,dog"
+    node = {"class_type": "UniversalGuidanceDetection", "inputs": {
+        "boxes": boxes, "coordinates": "pixels", "width": SIZE, "height": SIZE,
+        "model": os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64, **window(1.0)}}
+    unguided, guided = run_pair(host, {"42": node}, ["42", 0], seed=5)
+    net = D.load_detection_model(nets["det"], min_size=64, max_size=1333)
+    assert_lowered(D.DetectionLoss(net, boxes, image_size=(SIZE, SIZE), relative=False), unguided, guided)
+
+
+def test_style_node_lowers_its_loss(host, nets):
+    arch, path = nets["clip_rn"]
+    node = {"class_type": "UniversalGuidanceStyle", "inputs": {
+        "style_image": ["31", 0], "clip_model": os.path.basename(path), "architecture": "auto (from file)",
+        "gram_weight": 0.5, **window(1.0)}}
+    unguided, guided = run_pair(host, {**load_image_node("ug_style.png", "31"), "43": node}, ["43", 0], seed=6)
+    style = rn.coffee((SIZE, SIZE))
+    assert_lowered(G.StyleLoss(G.load_clip(arch, path), style, gram_weight=0.5), unguided, guided)
+
+
+@pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch not installed (make venv installs it --no-deps)")
+def test_face_node_lowers_its_loss(host, nets):
+    from guidance import face as F
+    node = {"class_type": "UniversalGuidanceFace", "inputs": {
+        "reference": ["32", 0], "model": os.path.basename(nets["face"]), "loss": "l1", "crop": "full",
+        **window(1.0)}}
+    unguided, guided = run_pair(host, {**load_image_node("ug_face_ref.png", "32"), "44": node}, ["44", 0], seed=7)
+    ref = rn.astronaut((SIZE, SIZE))
+    assert_lowered(F.FaceLoss(F.load_face_model(nets["face"]), ref, loss="l1", crop="full"), unguided, guided)
+
+
+@pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch not installed (make venv installs it --no-deps)")
+def test_face_not_found_in_a_step_is_counted_and_logged(host, nets, caplog):
+    node = {"class_type": "UniversalGuidanceFace", "inputs": {
+        "reference": ["32", 0], "model": os.path.basename(nets["face"]), "loss": "l1", "crop": "detect",
+        **window(1.0)}}
+    ref_big = (rn.astronaut((160, 160))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(ref_big).save(os.path.join(host.workdir, "input", "ug_face_ref160.png"))
+    with caplog.at_level(logging.INFO, logger="universal_guidance"):
+        result = host.run(graph({**load_image_node("ug_face_ref160.png", "32"), "44": node}, ["44", 0], seed=8,
+                                knobs={"forward_strength": 1.0}))
+    assert result.success
+    assert any("no face found in 3 of 3 evaluations" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+
+
+def test_segmentation_and_clip_chained_both_act(host, nets):
+    from guidance import segmentation as S
+    arch, path = nets["clip_vit"]
+    nodes_ = {**load_image_node("ug_seg.png", "30"), "41": seg_node(nets), "40": clip_text_node(nets, ["41", 0])}
+    unguided, guided = run_pair(host, nodes_, ["40", 0], seed=9)
+    target = S.colors_to_class_map(torch.from_numpy(np.asarray(Image.open(
+        os.path.join(host.workdir, "input", "ug_seg.png"))).astype(np.float32) / 255)[None])
+    net = S.load_segmentation_model("lraspp_mobilenet_v3_large", nets["seg"])
+    assert_lowered(S.SegmentationLoss(net, target, input_size=64), unguided, guided, margin=0.0)
+    assert_lowered(G.CLIPTextLoss(G.load_clip(arch, path), "a red apple"), unguided, guided, margin=0.0)
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+def run_error(host, term_nodes, ref, validate=True):
+    result = host.run(graph(term_nodes, ref, seed=0, knobs={}), validate=validate)
+    assert not result.success
+    err = result.error()
+    assert err is not None, result.messages
+    return err["exception_message"]
+
+
+def test_unknown_label_names_the_entry(host, nets):
+    node = {"class_type": "UniversalGuidanceDetection", "inputs": {
+        "boxes": "2,2,20,30,person; 4,4,10,10,unicorn", "coordinates": "pixels", "width": SIZE, "height": SIZE,
+        "model": os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64, **window(1.0)}}
+    msg = run_error(host, {"42": node}, ["42", 0])
+    assert "UG Object Detection Guidance" in msg and "input 'boxes'" in msg and "box 2" in msg and "unicorn" in msg
+
+
+def test_box_outside_the_image_names_the_entry(host, nets):
+    node = {"class_type": "UniversalGuidanceDetection", "inputs": {
+        "boxes": "2,2,20,30,person; 10,10,40,20,dog", "coordinates": "pixels", "width": SIZE, "height": SIZE,
+        "model": os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64, **window(1.0)}}
+    msg = run_error(host, {"42": node}, ["42", 0])
+    assert "input 'boxes'" in msg and "box 2" in msg and "outside" in msg
+
+
+@pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch not installed (make venv installs it --no-deps)")
+def test_reference_without_a_face_is_a_clear_error(host, nets):
+    coffee = (rn.coffee((160, 160))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(coffee).save(os.path.join(host.workdir, "input", "ug_coffee.png"))
+    node = {"class_type": "UniversalGuidanceFace", "inputs": {
+        "reference": ["32", 0], "model": os.path.basename(nets["face"]), "loss": "l1", "crop": "detect",
+        **window(1.0)}}
+    msg = run_error(host, {**load_image_node("ug_coffee.png", "32"), "44": node}, ["44", 0])
+    assert "UG Face Guidance" in msg and "input 'reference'" in msg and "no face found" in msg
+
+
+def test_missing_model_file_names_file_and_folder(host, nets):
+    """A non-standard file that is gone by the time the node runs (deleted after the prompt was validated)."""
+    import shutil
+    tmp = os.path.join(nets["ug_segmentation"], "lraspp_mobilenet_v3_large-gone.pth")
+    shutil.copy(nets["seg"], tmp)
+    nodes_ = {**load_image_node("ug_seg.png", "30"), "41": seg_node(nets)}
+    nodes_["41"]["inputs"]["model"] = os.path.basename(tmp)
+    assert host.validate(graph(nodes_, ["41", 0], seed=0, knobs={}))[0]
+    os.remove(tmp)
+    msg = run_error(host, nodes_, ["41", 0], validate=False)
+    assert "input 'model'" in msg and "lraspp_mobilenet_v3_large-gone.pth" in msg and nets["ug_segmentation"] in msg
+
+
+def test_standard_file_missing_offline_names_file_folder_and_url(host, nets, monkeypatch):
+    """A standard file that is not present is downloaded on first use; offline, the error says what to do."""
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    nodes_ = {**load_image_node("ug_seg.png", "30"), "41": seg_node(nets)}
+    nodes_["41"]["inputs"]["model"] = "lraspp_mobilenet_v3_large-d234d4ea.pth"
+    msg = run_error(host, nodes_, ["41", 0])
+    assert "lraspp_mobilenet_v3_large-d234d4ea.pth" in msg and "download.pytorch.org" in msg
+    assert "by hand" in msg
+
+
+def test_segmentation_needs_exactly_one_target(host, nets):
+    node = seg_node(nets)
+    del node["inputs"]["segmentation_map"]
+    msg = run_error(host, {"41": node}, ["41", 0])
+    assert "UG Segmentation Guidance" in msg and "'segmentation_map' / 'mask'" in msg
+
+
+def test_empty_clip_text_is_a_clear_error(host, nets):
+    node = clip_text_node(nets)
+    node["inputs"]["text"] = "  "
+    msg = run_error(host, {"40": node}, ["40", 0])
+    assert "UG CLIP Text Guidance" in msg and "input 'text'" in msg
