@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .download import is_torchscript_archive, load_into, load_state_dict_file
+from .objective import NetworkLoss
 from .preprocess import CLIP_MEAN, CLIP_STD, normalize, random_cutouts, resize_center_crop, resize_to
 
 TINY_VIT = "UG-tiny-ViT"
@@ -185,7 +186,7 @@ def _as_bchw(image: torch.Tensor, what: str) -> torch.Tensor:
     return image
 
 
-class ClipImageEncoder:
+class ClipImageEncoder(NetworkLoss):
     """The differentiable image side of a CLIP model: views (resize/crop/cutouts) → normalized embeddings.
 
     ``cutouts=0`` uses one CLIP view of the whole image; ``cutouts=N`` uses ``N`` random square crops whose side is
@@ -212,19 +213,6 @@ class ClipImageEncoder:
         self.size = _model_input_size(model)
         self.mean, self.std = _model_mean_std(model)
         self.generator = torch.Generator().manual_seed(self.seed)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "ClipImageEncoder":
-        with torch.inference_mode(False):
-            self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
-        return self
 
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)

@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .download import load_into, load_state_dict_file
+from .objective import NetworkLoss
 
 
 def coco_categories() -> list:
@@ -164,7 +165,7 @@ def load_detection_model(weights_path: Optional[str] = None, device="cpu", *, mi
 LOSS_TERMS = ("loss_classifier", "loss_objectness", "loss_rpn_box_reg")
 
 
-class DetectionLoss:
+class DetectionLoss(NetworkLoss):
     """``loss_b = Σ Faster R-CNN training losses of image b`` against the target boxes (see module doc).
 
     ``model``: ``load_detection_model(...)``. ``target``: a ``BoxTarget`` or the box text (then ``image_size`` and
@@ -189,19 +190,6 @@ class DetectionLoss:
         self.terms = LOSS_TERMS + (("loss_box_reg",) if box_regression else ())
         self.seed = int(seed)
         self.calls = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "DetectionLoss":
-        with torch.inference_mode(False):
-            self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
-        return self
 
     def reset(self) -> None:
         self.calls = 0

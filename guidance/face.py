@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .download import load_into, load_state_dict_file
+from .objective import NetworkLoss
 from .preprocess import rgb_uint8_hwc
 
 FACE_CROP_SIZE = 160
@@ -123,7 +124,7 @@ def standardize(crops: torch.Tensor) -> torch.Tensor:
     return (crops * 255.0 - 127.5) / 128.0
 
 
-class FaceLoss:
+class FaceLoss(NetworkLoss):
     """``loss_b = mean|E(face(x_b)) − E(face(reference))|`` (``loss="l1"``, the paper) or
     ``1 − cos(E(face(x_b)), E(face(reference)))`` (``loss="cosine"``).
 
@@ -172,18 +173,10 @@ class FaceLoss:
             emb = torch.nn.functional.normalize(emb.mean(dim=0, keepdim=True), dim=-1)
             self.reference_embedding = emb.clone()  # [1, 512]; a normal tensor even under inference_mode
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "FaceLoss":
         device = torch.device(device)
+        super().prepare(device, dtype)
         with torch.inference_mode(False):
-            self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
             if self.detector is not None:
                 self.detector.to(device)
         if self.detector is not None:

@@ -29,6 +29,32 @@ def check_window(start: float, end: float, what: str = "window") -> None:
         raise ValueError(f"{what}: start_percent ({start}) must be smaller than end_percent ({end})")
 
 
+class NetworkLoss:
+    """Base of guidance terms that hold one frozen network in ``self.model``: device, dtype, ``prepare``."""
+
+    model: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def prepare(self, device, dtype=None):
+        """Move the network to ``device`` (and ``dtype``); normal tensors even under inference mode."""
+        with torch.inference_mode(False):
+            self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
+        return self
+
+    def reset(self) -> None:
+        pass
+
+    def report(self):
+        return None
+
+
 @dataclass(frozen=True)
 class GuidanceTerm:
     """One guidance loss with its weight and step window (fractions of the run's steps)."""

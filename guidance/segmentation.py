@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .download import load_into, load_state_dict_file
+from .objective import NetworkLoss
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, match_batch, normalize, resize_shorter
 
 IGNORE_INDEX = 255
@@ -198,7 +199,7 @@ def _as_class_map(target: torch.Tensor) -> torch.Tensor:
     return target.long()
 
 
-class SegmentationLoss:
+class SegmentationLoss(NetworkLoss):
     """``loss_b = mean over labelled pixels of CE(seg(x_b), target_b)``; pixels labelled ``ignore_index`` (255)
     do not count. A sample with no labelled pixel contributes 0.
 
@@ -229,17 +230,8 @@ class SegmentationLoss:
         self.num_classes = n_cls
         self._cache = {}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "SegmentationLoss":
-        with torch.inference_mode(False):
-            self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
+        super().prepare(device, dtype)
         self._cache = {}
         return self
 

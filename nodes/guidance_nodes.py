@@ -42,7 +42,19 @@ def window_check(start_percent=0.0, end_percent=1.0):
     return True
 
 
-class UniversalGuidanceImage:
+class LossNode:
+    """What every guidance-loss node shares: its output, function name, menu and the window check."""
+
+    RETURN_TYPES = ("UG_GUIDANCE",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
+        return window_check(start_percent, end_percent)
+
+
+class UniversalGuidanceImage(LossNode):
     NAME = "UG Image Guidance"
     DESCRIPTION = ("Pulls the decoded image towards a reference image (masked L2 or L1 in RGB) — the paper's "
                    "inpainting-style guidance. With a mask only the masked region is guided.")
@@ -63,14 +75,6 @@ class UniversalGuidanceImage:
                 **CHAIN_INPUT,
             },
         }
-
-    RETURN_TYPES = ("UG_GUIDANCE",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return window_check(start_percent, end_percent)
 
     def build(self, image, loss, weight, start_percent, end_percent, mask=None, guidance=None):
         node = self.NAME

@@ -16,7 +16,7 @@ from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import CATEGORY, CHAIN_INPUT, add_term, term_inputs, window_check
+from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
 
 AUTO = "auto (from file)"
 _CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
@@ -79,17 +79,7 @@ def _clip_inputs() -> dict:
     }
 
 
-class _Node:
-    RETURN_TYPES = ("UG_GUIDANCE",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return window_check(start_percent, end_percent)
-
-
-class UniversalGuidanceCLIPText(_Node):
+class UniversalGuidanceCLIPText(LossNode):
     NAME = "UG CLIP Text Guidance"
     DESCRIPTION = "Pulls the image towards a text prompt: −cosine similarity of CLIP image and text embeddings."
 
@@ -118,7 +108,7 @@ class UniversalGuidanceCLIPText(_Node):
         return add_term(node, guidance, "clip_text", loss, weight, start_percent, end_percent)
 
 
-class UniversalGuidanceStyle(_Node):
+class UniversalGuidanceStyle(LossNode):
     NAME = "UG Style Guidance"
     DESCRIPTION = ("Pulls the image towards the style of a reference image: −cosine of CLIP image embeddings "
                    "(paper), optionally plus a Gram-matrix loss on CLIP features.")
@@ -154,7 +144,7 @@ def _seg_archs() -> list:
     return list(SEGMENTATION_ARCHS)
 
 
-class UniversalGuidanceSegmentation(_Node):
+class UniversalGuidanceSegmentation(LossNode):
     NAME = "UG Segmentation Guidance"
     DESCRIPTION = ("Makes the image match a segmentation map: per-pixel cross-entropy of a torchvision "
                    "segmentation network (21 VOC classes) on the decoded image.")
@@ -214,7 +204,7 @@ class UniversalGuidanceSegmentation(_Node):
         return add_term(node, guidance, "segmentation", loss, weight, start_percent, end_percent)
 
 
-class UniversalGuidanceFace(_Node):
+class UniversalGuidanceFace(LossNode):
     NAME = "UG Face Guidance"
     DESCRIPTION = ("Makes the generated face look like a reference face: MTCNN finds the face (no gradient), "
                    "InceptionResnetV1 (VGGFace2) embeds the crop, loss = L1 or 1−cosine between embeddings.")
@@ -255,7 +245,7 @@ class UniversalGuidanceFace(_Node):
         return add_term(node, guidance, "face", term, weight, start_percent, end_percent)
 
 
-class UniversalGuidanceDetection(_Node):
+class UniversalGuidanceDetection(LossNode):
     NAME = "UG Object Detection Guidance"
     DESCRIPTION = ("Places objects in boxes: the training losses of torchvision Faster R-CNN ResNet50-FPN v2 "
                    "(COCO) against the target boxes, on the decoded image.")

@@ -9,6 +9,7 @@ from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
 from . import comfy_bridge
 from .comfy_bridge import GuidanceInputError
+from .guidance_nodes import window_check
 
 CATEGORY = "sampling/universal guidance"
 
@@ -98,12 +99,6 @@ def check_vae(node: str, vae):
     return vae
 
 
-def _window_error(start_percent, end_percent):
-    if start_percent >= end_percent:
-        return f"start_percent ({start_percent}) must be smaller than end_percent ({end_percent})"
-    return True
-
-
 class UniversalGuidanceSampler:
     """A SAMPLER for the stock SamplerCustom / SamplerCustomAdvanced."""
 
@@ -121,7 +116,7 @@ class UniversalGuidanceSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return _window_error(start_percent, end_percent)
+        return window_check(start_percent, end_percent)
 
     def get_sampler(self, vae, guidance, **knobs):
         node = self.NAME
@@ -170,7 +165,7 @@ class UniversalGuidanceKSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return _window_error(start_percent, end_percent)
+        return window_check(start_percent, end_percent)
 
     def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
                denoise, **knobs):

@@ -19,7 +19,8 @@ from guidance import download as ug_dl
 from guidance import segmentation as ug_seg
 from guidance import style as ug_style
 from guidance.objective import Guidance, GuidanceTerm
-from random_networks import astronaut, calibrate_bn_, calibration_images, coffee, perturb_, smooth_image  # noqa: F401
+from random_networks import (astronaut, calibrate_bn_, calibration_images, coffee, perturb_,  # noqa: F401
+                             smooth_image, write_detector, write_face_net, write_lraspp)
 
 try:
     import facenet_pytorch  # noqa: F401
@@ -229,13 +230,7 @@ def test_clip_term_in_a_guidance_objective(tiny_vit_file):
 
 @pytest.fixture(scope="module")
 def lraspp_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ug_seg.build_segmentation_model("lraspp_mobilenet_v3_large")
-    from guidance.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
-    calibrate_bn_(model, lambda x: model(normalize(x, IMAGENET_MEAN, IMAGENET_STD)), calibration_images((96, 96)))
-    path = tmp_path_factory.mktemp("seg") / "lraspp_mobilenet_v3_large-test.pth"
-    torch.save(model.state_dict(), str(path))
-    return str(path)
+    return write_lraspp(str(tmp_path_factory.mktemp("seg")))
 
 
 def test_segmentation_loss_lraspp(lraspp_file):
@@ -368,18 +363,8 @@ def detector():
 def face_file(tmp_path_factory):
     if not HAVE_FACENET:
         pytest.skip("facenet-pytorch not installed")
-    from guidance.face import build_face_model, standardize
-    torch.manual_seed(0)
-    model = build_face_model()
-    crops = torch.cat([astronaut(200)[..., i:i + 160, j:j + 160] for i in (0, 40) for j in (0, 40)])
-    calibrate_bn_(model, lambda x: model(standardize(x)), torch.cat([crops, calibration_images((160, 160))]))
-    sd = dict(model.state_dict())
-    # The published file also holds the 8631-class VGGFace2 classifier.
-    sd["logits.weight"] = torch.randn(8631, 512) * 0.01
-    sd["logits.bias"] = torch.zeros(8631)
-    path = tmp_path_factory.mktemp("face") / "20180402-114759-vggface2.pt"
-    torch.save(sd, str(path))
-    return str(path)
+    # The published file's layout, including the 8631-class VGGFace2 classifier the loader drops.
+    return write_face_net(str(tmp_path_factory.mktemp("face")))
 
 
 @needs_facenet
@@ -491,11 +476,7 @@ def test_parse_boxes_errors(text, kwargs, message):
 
 @pytest.fixture(scope="module")
 def detector_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ug_det.build_detection_model()
-    path = tmp_path_factory.mktemp("det") / "fasterrcnn_resnet50_fpn_v2-test.pth"
-    torch.save(model.state_dict(), str(path))
-    return str(path)
+    return write_detector(str(tmp_path_factory.mktemp("det")))
 
 
 def test_detection_loss(detector_file):
