@@ -11,7 +11,9 @@ STAMP  := $(VENV)/.built-v1
 HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv host-deps test demo demo-quick bench bench-quality bench-speed comfyui clean
+.PHONY: venv host-deps browser test demo demo-quick bench bench-quality bench-speed comfyui clean
+PORT   ?= 8188
+MODELS ?=
 
 venv: $(STAMP)
 
@@ -34,8 +36,22 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 	  $(PIP) install -q -r $(VENV)/host-requirements.txt && touch $(HOST_STAMP); fi
 endif
 
-test: host-deps
+test: host-deps browser
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Best effort: Chromium for the live-server browser test (Debian package; Playwright drives it, no download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 || true; fi; \
+	  command -v chromium >/dev/null 2>&1 || echo "note: no chromium (apt-get install -y chromium): the browser test will be skipped"; }
+
+# The real ComfyUI server with this pack on http://127.0.0.1:$(PORT) (loopback only); workdir out/comfyui.
+# MODELS="~/ComfyUI/models /other/models" adds model roots; the tiny random-weight test checkpoint is always added.
+comfyui: host-deps
+	@if [ -n "$(COMFYUI_PATH)" ] && grep -q '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" 2>/dev/null; then \
+	  $(PIP) install -q "$$(grep '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" | head -n1)"; fi
+	$(PY) -m headless serve --port $(PORT) --tiny-models $(foreach m,$(MODELS),--models $(m))
 
 clean:
 	rm -rf $(VENV) out

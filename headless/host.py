@@ -141,8 +141,11 @@ class Host:
             return _run(fn(str(uuid.uuid4()), prompt, None))
         return _run(fn(prompt))
 
-    def run(self, prompt: dict, *, validate: bool = True) -> Result:
-        """Validate, then execute an API-format prompt; returns the executor's messages and UI outputs."""
+    def run(self, prompt: dict, *, validate: bool = True, extra_data: dict | None = None) -> Result:
+        """Validate, then execute an API-format prompt; returns the executor's messages and UI outputs.
+
+        ``extra_data`` goes to the executor as ``POST /prompt`` would send it (e.g. ``{"client_id": ...}``: the
+        executor reports node starts and progress only when there is a client id)."""
         if validate:
             ok, error, outputs, node_errors = self.validate(prompt)
             if not ok:
@@ -152,7 +155,7 @@ class Host:
                        if getattr(self.node_types[v["class_type"]], "OUTPUT_NODE", False)]
         self.server.messages.clear()
         prompt_id = str(uuid.uuid4())
-        self.executor.execute(prompt, prompt_id, {}, list(outputs))
+        self.executor.execute(prompt, prompt_id, dict(extra_data or {}), list(outputs))
         history = getattr(self.executor, "history_result", None) or {}
         ui = history.get("outputs", getattr(self.executor, "outputs_ui", {}))
         return Result(bool(self.executor.success), list(self.executor.status_messages), copy.deepcopy(ui))

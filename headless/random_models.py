@@ -88,9 +88,10 @@ def clip_l_state_dict(generator, prefix="cond_stage_model.transformer.text_model
     return {prefix + k: v for k, v in sd.items()}
 
 
-# The real SD1.5 UNet (860M parameters), for speed measurements.
+# The real SD1.5 UNet (860M parameters), for speed measurements. transformer_depth_output lists the output blocks
+# from the shallowest to the deepest (UNetModel pops it from the end): the deepest level has no transformer.
 FULL_SD15_UNET = dict(UNET_CONFIG, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0] * 3 + [1] * 9,
+                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
                       transformer_depth_middle=1)
 
 

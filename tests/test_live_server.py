@@ -1,0 +1,295 @@
+"""The real ComfyUI server (``python -m headless serve``) with this pack, on 127.0.0.1 and a free port, and the
+real frontend in headless Chromium: GET /object_info lists every node of the pack with tooltips, POST /prompt
+rejects bad inputs naming node and input, and in the browser the node search finds the pack's nodes and
+workflows/image.json loads, queues and finishes (tiny random-weight checkpoint: the picture is noise).
+
+The browser part needs the Debian package ``chromium`` and the Python package ``playwright`` (no browser download:
+it drives /usr/bin/chromium); it is skipped with a message when either is missing. A screenshot goes to
+out/live-server/; the canvas screenshot becomes docs/screenshot.png when that file is missing or
+UG_UPDATE_SCREENSHOT=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import workflow_files as wfiles
+from conftest import ROOT
+from headless import serve
+from headless.nodeinfo import ordered_inputs
+from headless.ui_build import set_widgets
+from headless.ui_to_api import ui_to_api
+
+CHROMIUM = os.environ.get("UG_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+START_TIMEOUT = 150  # s, server start (imports torch and ComfyUI on a busy machine)
+RUN_TIMEOUT = 180    # s, the queued workflow
+SHOTS = os.path.join(ROOT, "out", "live-server")
+# Small and short, for a CPU: these and the file names are the only changes to workflows/image.json.
+SPEED = {4: {"width": 32, "height": 32}, 5: {"steps": 2, "recurrence": 1}}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def post(url, body, timeout=30):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Server:
+    def __init__(self, url, workdir, proc, log):
+        self.url, self.workdir, self.proc, self.log = url, workdir, proc, log
+
+    def log_tail(self, n=3000):
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return f.read()[-n:]
+
+
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):
+    """``python -m headless serve`` in a subprocess (its own process group), killed at teardown."""
+    comfy = host.path
+    try:
+        serve.check_frontend(comfy)
+    except serve.RunError as e:
+        pytest.skip(f"no web frontend for this ComfyUI: {e}")
+    workdir = str(tmp_path_factory.mktemp("live"))
+    wfiles.write_reference(os.path.join(workdir, "input"))
+    port = free_port()
+    log = os.path.join(workdir, "server.log")
+    cmd = [sys.executable, "-m", "headless", "serve", "--comfyui", comfy, "--port", str(port), "--workdir", workdir,
+           "--models", wfiles.TINY_MODELS_ROOT, "--cpu"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}/", workdir, proc, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                get(srv.url + "object_info/VAEDecode", timeout=2)
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not answer within {START_TIMEOUT} s:\n{srv.log_tail()}")
+                time.sleep(0.5)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(host):
+    """The pack's own NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS, as ComfyUI loaded them."""
+    init = os.path.realpath(os.path.join(ROOT, "__init__.py"))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.realpath(path) == init and getattr(module, "NODE_CLASS_MAPPINGS", None):
+            return module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS
+    pytest.fail("the pack's module is not loaded in the test host")
+
+
+def test_server_listens_on_loopback_only(server):
+    with open(server.log, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    assert "0.0.0.0" not in text
+    assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_object_info_lists_every_pack_node_with_tooltips(server, pack_nodes):
+    mappings, names = pack_nodes
+    info = get(server.url + "object_info", timeout=60)
+    assert set(mappings) <= set(info), set(mappings) - set(info)
+    for node_type in mappings:
+        entry = info[node_type]
+        assert entry["display_name"] == names[node_type]
+        assert entry["description"], node_type
+        inputs = ordered_inputs(entry)
+        assert inputs, node_type
+        untipped = [name for name, spec, _ in inputs
+                    if not (len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("tooltip"))]
+        assert not untipped, f"{node_type}: inputs without a tooltip: {untipped}"
+
+
+def tiny_prompt(server_info):
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, "image.json"))
+    prompt = wfiles.substitute_files_api(ui_to_api(wf, server_info))
+    for node_id, values in SPEED.items():
+        prompt[str(node_id)]["inputs"].update(values)
+    return prompt
+
+
+def test_post_prompt_with_bad_inputs_names_node_and_input(server):
+    info = get(server.url + "object_info", timeout=60)
+    prompt = tiny_prompt(info)
+    prompt["5"]["inputs"].update(start_percent=0.7, end_percent=0.3)
+    status, body = post(server.url + "prompt", {"prompt": prompt, "client_id": "pytest"})
+    assert status == 400, body
+    errors = body["node_errors"]["5"]
+    assert errors["class_type"] == "UniversalGuidanceKSampler"
+    text = json.dumps(errors["errors"])
+    assert "start_percent (0.7) must be smaller than end_percent (0.3)" in text
+
+    prompt = tiny_prompt(info)
+    del prompt["5"]["inputs"]["vae"]
+    status, body = post(server.url + "prompt", {"prompt": prompt, "client_id": "pytest"})
+    assert status == 400
+    missing = body["node_errors"]["5"]["errors"]
+    assert any(e["type"] == "required_input_missing" and e["extra_info"]["input_name"] == "vae" for e in missing)
+
+
+def visible_dialogs(page) -> list[str]:
+    """Texts of visible dialogs (2024-03: .comfy-modal; newer frontends: PrimeVue dialogs)."""
+    return page.evaluate("""() => [...document.querySelectorAll('.comfy-modal, .p-dialog, [role=dialog]')]
+        .filter(e => e.offsetParent !== null && getComputedStyle(e).display !== 'none'
+                     && getComputedStyle(e).visibility !== 'hidden')
+        .map(e => e.innerText.slice(0, 300))""")
+
+
+# Node search box of the 2024-03 frontend (LiteGraph's) and of the current one (PrimeVue autocomplete).
+SEARCH_INPUT = ".litesearchbox input, .comfy-vue-node-search-container input"
+RESULT_ITEMS = ".litesearchbox .lite-search-item, .comfy-vue-node-search-container .p-autocomplete-option, " \
+               ".p-autocomplete-overlay .p-autocomplete-option"
+
+
+def search_results(page, query: str, timeout_ms: int = 15000) -> list[str]:
+    """Double-click the empty canvas, type ``query`` into the node search box, return the result texts."""
+    box = page.locator("canvas#graph-canvas").bounding_box()
+    page.mouse.dblclick(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    page.locator(SEARCH_INPUT).filter(visible=True).first.wait_for(state="visible", timeout=timeout_ms)
+    time.sleep(0.3)  # the box focuses its input once it is shown
+    page.keyboard.type(query, delay=20)
+    items = page.locator(RESULT_ITEMS).filter(visible=True)
+    items.first.wait_for(state="visible", timeout=timeout_ms)
+    time.sleep(0.5)  # let the list settle
+    return [t.strip() for t in items.all_inner_texts()]
+
+
+def close_search(page, timeout_s: float = 10.0):
+    page.keyboard.press("Escape")
+    deadline = time.monotonic() + timeout_s
+    while page.locator(SEARCH_INPUT).filter(visible=True).count() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+
+
+def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes):
+    pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright` "
+                                                      "(requirements-dev.txt)")
+    if not os.path.isfile(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set UG_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    mappings, names = pack_nodes
+    info = get(server.url + "object_info", timeout=60)
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, "image.json"))
+    set_widgets(wf, info, wfiles.file_changes_ui(wf))
+    set_widgets(wf, info, SPEED)
+    errors = []
+    os.makedirs(SHOTS, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60000)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 860})
+            page.set_default_timeout(30000)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url, timeout=60000)
+            page.wait_for_function(
+                "(types) => window.app && window.app.graph && window.LiteGraph"
+                " && types.every(t => t in LiteGraph.registered_node_types)", arg=list(mappings), timeout=90000)
+            # Newer frontends greet a new user with the template browser (it lists this pack's workflows/);
+            # close it. Script errors of the frontend's own start-up are not this pack's (it ships no JS).
+            time.sleep(1.0)
+            for text in visible_dialogs(page):
+                assert "Template" in text, f"unexpected dialog after loading the page: {text}"
+                page.keyboard.press("Escape")
+                page.locator(".p-dialog").first.wait_for(state="hidden", timeout=10000)
+            if errors:
+                print(f"frontend start-up script errors (ignored): {errors}")
+                errors.clear()
+            page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
+
+            # Node search: the two samplers by title, every node of the pack by its id.
+            found = search_results(page, "Universal Guidance")
+            for node_type in ("UniversalGuidanceKSampler", "UniversalGuidanceSampler"):
+                assert any(names[node_type] in t for t in found), (node_type, found)
+            close_search(page)
+            found = search_results(page, "UniversalGuidance")
+            for node_type in mappings:
+                assert any(node_type in t or names[node_type] in t for t in found), (node_type, found)
+            page.locator(RESULT_ITEMS).filter(visible=True).filter(
+                has_text=names["UniversalGuidanceKSampler"]).first.click()
+            added = page.evaluate("() => app.graph._nodes.map(n => n.type)")
+            assert added == ["UniversalGuidanceKSampler"], added
+
+            # Load workflows/image.json (tiny model, small size) and queue it.
+            before = set(get(server.url + "history"))
+            page.evaluate("async (wf) => { await app.loadGraphData(wf); }", wf)
+            loaded = page.evaluate("() => app.graph._nodes.map(n => n.type).sort()")
+            assert loaded == sorted(n["type"] for n in wf["nodes"])
+            assert visible_dialogs(page) == []
+            page.evaluate("() => { app.canvas.ds.scale = 0.6; app.canvas.ds.offset = [20, 120];"
+                          " app.canvas.render_canvas_border = false; app.graph.setDirtyCanvas(true, true); }")
+            page.evaluate("() => app.queuePrompt(0, 1)")
+            deadline, entry = time.monotonic() + RUN_TIMEOUT, None
+            while time.monotonic() < deadline:
+                new = [k for k in get(server.url + "history") if k not in before]
+                if new:
+                    entry = get(server.url + f"history/{new[0]}")[new[0]]
+                    if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str"):
+                        break
+                time.sleep(0.5)
+            assert entry is not None, f"nothing was queued within {RUN_TIMEOUT} s: {server.log_tail()}"
+            status = entry.get("status", {})
+            assert status.get("status_str") == "success" and status.get("completed"), (status, server.log_tail())
+            images = entry["outputs"]["7"]["images"]
+            assert images and os.path.isfile(os.path.join(server.workdir, "output", images[0]["subfolder"],
+                                                          images[0]["filename"]))
+            try:  # the result shown in Save Image (the 2024-03 frontend keeps it in node.imgs), for the screenshot
+                page.wait_for_function("() => (app.graph.getNodeById(7).imgs || []).length > 0", timeout=15000)
+            except Exception:
+                pass
+            time.sleep(1.0)
+            assert visible_dialogs(page) == []
+            page.screenshot(path=os.path.join(SHOTS, "page.png"))
+            canvas = os.path.join(SHOTS, "canvas.png")
+            page.locator("canvas#graph-canvas").screenshot(path=canvas)
+        finally:
+            browser.close()
+    assert not errors, errors
+    target = os.path.join(ROOT, "docs", "screenshot.png")
+    if not os.path.exists(target) or os.environ.get("UG_UPDATE_SCREENSHOT") == "1":
+        from PIL import Image
+        Image.open(canvas).convert("RGB").quantize(colors=128).save(target, optimize=True)
+    shutil.copyfile(canvas, os.path.join(SHOTS, "canvas-last.png"))

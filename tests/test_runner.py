@@ -1,0 +1,128 @@
+"""``python -m headless run``: a real run of workflows/image.json with the tiny checkpoint (subprocess), and the
+error paths — no ComfyUI, unknown node types, missing model files, invalid widget values — with their exit codes
+and messages. The error paths after the boot run in this process on the session's host (``runner.main(argv,
+host=...)``, the code path of the command line minus the boot) to keep the suite fast."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import workflow_files as wfiles
+from conftest import CHECKPOINT, ROOT
+from headless import runner
+
+IMAGE_WF = os.path.join(wfiles.WORKFLOW_DIR, "image.json")
+FAST = ["--set", "4.width=32", "--set", "4.height=32", "--set", "5.steps=2", "--set", "5.recurrence=1"]
+
+
+def run_cli(args, timeout=240, env=None):
+    return subprocess.run([sys.executable, "-m", "headless", "run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    return wfiles.write_reference(str(tmp_path / "refs"))
+
+
+def test_runs_image_workflow_and_writes_images(host, tmp_path, inputs):
+    """The real command line: boots ComfyUI, converts the UI file, runs it, writes the PNG into --out."""
+    out = tmp_path / "out"
+    proc = run_cli([IMAGE_WF, "--cpu", "--models", wfiles.TINY_MODELS_ROOT, "--input", str(tmp_path / "in"),
+                    "--set", f"1.ckpt_name={CHECKPOINT}", "--set", f"11.image={inputs}", *FAST,
+                    "--set", "5.seed=42", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    images = sorted(p for p in out.rglob("*.png"))
+    assert [p.name for p in images] == ["image_00001_.png"], proc.stdout[-2000:]
+    assert Image.open(images[0]).size == (32, 32)
+    assert np.asarray(Image.open(images[0])).std() > 0
+    assert "[run] node 5 (UniversalGuidanceKSampler)" in proc.stdout
+    assert "[run] node 5: 2/2" in proc.stdout  # progress of the sampler
+    assert f"[run] wrote {images[0]}" in proc.stdout
+    assert (tmp_path / "in" / wfiles.REFERENCE).is_file()  # the image path was copied into the input folder
+
+
+def test_missing_comfyui_path_is_a_clear_error(tmp_path):
+    proc = run_cli([IMAGE_WF, "--comfyui", str(tmp_path / "nowhere"), "--out", str(tmp_path)], timeout=60)
+    assert proc.returncode == runner.EXIT_SETUP
+    assert f"no ComfyUI checkout at '{tmp_path / 'nowhere'}'" in proc.stderr and "nodes.py" in proc.stderr
+    proc = run_cli([IMAGE_WF, "--out", str(tmp_path)], env={"COMFYUI_PATH": str(tmp_path)}, timeout=60)
+    assert proc.returncode == runner.EXIT_SETUP and "COMFYUI_PATH" in proc.stderr
+
+
+def run_here(host, capsys, args):
+    code = runner.main(args, host=host)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_custom_node_names_the_node(host, tmp_path, capsys):
+    wf = wfiles.load(IMAGE_WF)
+    next(n for n in wf["nodes"] if n["id"] == 12)["type"] = "SomePackMaskNode"
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    code, _, err = run_here(host, capsys, [str(path), "--out", str(tmp_path / "out")])
+    assert code == runner.EXIT_INVALID
+    assert "node 12: SomePackMaskNode — install the custom-node pack that provides it" in err
+
+
+def test_newer_core_node_says_update_comfyui(host, tmp_path, capsys):
+    if "SamplerCustomAdvanced" in host.node_types:
+        pytest.skip("this ComfyUI has SamplerCustomAdvanced; the message is for 2024-03 hosts")
+    code, _, err = run_here(host, capsys, [os.path.join(wfiles.WORKFLOW_DIR, "samplercustom_advanced.json"),
+                                           "--out", str(tmp_path / "out")])
+    assert code == runner.EXIT_INVALID
+    assert "node 5: SamplerCustomAdvanced — core ComfyUI node added in 2024-04; update ComfyUI" in err
+    assert "node 23: CFGGuider — core ComfyUI node added in 2024-04" in err
+
+
+def test_missing_model_file_names_file_and_folder(host, tmp_path, capsys):
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path / "out")])
+    assert code == runner.EXIT_INVALID
+    assert ("node 1 (CheckpointLoaderSimple) input 'ckpt_name': model file 'v1-5-pruned-emaonly.safetensors' "
+            "not found. Put it into the 'checkpoints' model folder") in err
+    assert host.model_dir("checkpoints") in err
+    assert "node 11 (LoadImage) input 'image': image file 'example.png' not found in the input folder" in err
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("5.steps=0", ["node 5 (UniversalGuidanceKSampler) input 'steps': value 0 rejected",
+                   "allowed: an integer from 1 to 10000"]),
+    ("5.scheduler=\"fastest\"", ["node 5 (UniversalGuidanceKSampler) input 'scheduler': invalid value 'fastest'; "
+                                 "allowed: one of [", "'normal'"]),
+    ("10.start_percent=0.9", ["node 10 (UniversalGuidanceImage) input 'start_percent'",
+                              "start_percent (0.9) must be smaller than end_percent (0.5)"]),
+])
+def test_invalid_widget_value_names_node_input_and_allowed(host, tmp_path, capsys, inputs, setting, expected):
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path / "out"), "--input",
+                                           os.path.dirname(inputs), "--set", f"1.ckpt_name={CHECKPOINT}",
+                                           "--set", f"11.image={wfiles.REFERENCE}", *FAST,
+                                           "--set", "10.end_percent=0.5", "--set", setting])
+    assert code == runner.EXIT_INVALID, err
+    for text in expected:
+        assert text in err
+
+
+def test_bad_set_option(host, tmp_path, capsys):
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path), "--set", "5steps=3"])
+    assert code == runner.EXIT_SETUP and "expected NODE_ID.INPUT=VALUE" in err
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path), "--set", "5.stepz=3"])
+    assert code == runner.EXIT_SETUP and "node 5 (UniversalGuidanceKSampler) has no input 'stepz'" in err
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path), "--set", "99.steps=3"])
+    assert code == runner.EXIT_SETUP and "no node 99" in err
+
+
+def test_value_parsing():
+    assert runner.parse_set("3.seed=42") == ("3", "seed", 42)
+    assert runner.parse_set("5.cfg=7.5") == ("5", "cfg", 7.5)
+    assert runner.parse_set("5.jacobian=false") == ("5", "jacobian", False)
+    assert runner.parse_set("5.jacobian=False") == ("5", "jacobian", False)
+    assert runner.parse_set("2.text=a cat, 4k") == ("2", "text", "a cat, 4k")
+    assert runner.parse_set('2.text="42"') == ("2", "text", "42")
+    assert runner.parse_set('6.vae=["1", 2]') == ("6", "vae", ["1", 2])

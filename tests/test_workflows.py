@@ -1,0 +1,251 @@
+"""The example workflows (workflows/*.json, UI format) against the live node definitions of the test host:
+they convert to API format, their links connect matching types, ComfyUI's own validator accepts them, and they
+are what workflows/build.py writes. Also: the UI → API converter on Reroute/PrimitiveNode/muted/bypassed nodes,
+and corrupted workflows fail."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+import workflow_files as wfiles
+from headless import nodeinfo
+from headless.runner import CORE_NODES_ADDED
+from headless.ui_to_api import UnknownNodeTypes, api_link_check, is_api_format, ui_to_api
+
+NAMES = [os.path.basename(p) for p in wfiles.WORKFLOWS]
+
+
+@pytest.fixture(scope="module")
+def info(host):
+    wfiles.write_reference(os.path.join(host.workdir, "input"))
+    return nodeinfo.object_info()
+
+
+@pytest.fixture(scope="module")
+def build_module():
+    spec = importlib.util.spec_from_file_location("ug_workflows_build", os.path.join(wfiles.WORKFLOW_DIR,
+                                                                                     "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def skip_if_host_lacks(workflow: dict, info: dict):
+    missing = sorted({n["type"] for n in workflow["nodes"]} - set(info) - set(nodeinfo.VIRTUAL_NODES))
+    if missing:
+        core = [m for m in missing if m in CORE_NODES_ADDED]
+        why = (f"core ComfyUI nodes added in {max(CORE_NODES_ADDED[m] for m in core)}" if core == missing
+               else "node types of other packs")
+        pytest.skip(f"this ComfyUI has no {', '.join(missing)} ({why}); run with COMFYUI_PATH=<newer ComfyUI>")
+
+
+def test_there_are_workflows():
+    assert {"image.json", "samplercustom.json", "samplercustom_advanced.json"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_file_is_ui_format_with_a_note(name):
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, name))
+    assert wf["version"] == 0.4 and isinstance(wf["links"], list) and isinstance(wf["groups"], list)
+    assert not is_api_format(wf)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and wf["last_node_id"] >= max(ids)
+    assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert notes, "every workflow explains which model files it needs in a Note"
+    text = notes[0]["widgets_values"][0]
+    for node in wf["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            assert node["widgets_values"][0] in text and "models/checkpoints" in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nodes_match_live_definitions(name, info):
+    """Sockets and outputs as the definitions declare them, and one stored value per widget — for every node
+    type this host has (so the pack's nodes are checked in every file, even where core nodes are missing)."""
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, name))
+    checked = 0
+    for node in wf["nodes"]:
+        if node["type"] not in info:
+            continue
+        d = info[node["type"]]
+        sockets = nodeinfo.socket_inputs(d)
+        assert [(i["name"], i["type"]) for i in node.get("inputs", [])] == [(n, t) for n, t, _ in sockets], node["id"]
+        outputs = ["COMBO" if isinstance(t, (list, tuple)) else t for t in d["output"]]
+        assert [o["type"] for o in node.get("outputs", [])] == outputs, node["id"]
+        layout = nodeinfo.widget_layout(d)
+        assert len(node["widgets_values"]) == len(layout), node["id"]
+        for slot, value in zip(layout, node["widgets_values"]):
+            values = nodeinfo.combo_values(slot.spec) if slot.serialized else None
+            if values and node["type"] not in ("CheckpointLoaderSimple", "LoadImage"):  # files: see below
+                assert value in values, (node["id"], slot.name, value)
+        checked += node["type"].startswith("UniversalGuidance")
+    assert checked, "every workflow uses nodes of this pack"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_links_connect_matching_types(name, info):
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, name))
+    skip_if_host_lacks(wf, info)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, origin, origin_slot, target, target_slot, link_type in wf["links"]:
+        src, dst = nodes[origin], nodes[target]
+        out_type = info[src["type"]]["output"][origin_slot]
+        dst_input = dst["inputs"][target_slot]
+        in_type = nodeinfo.input_type(nodeinfo.spec_of(info[dst["type"]], dst_input["name"]))
+        assert link_type == out_type == src["outputs"][origin_slot]["type"], link_id
+        assert nodeinfo.types_compatible(out_type, in_type), (link_id, out_type, in_type)
+        assert dst_input["link"] == link_id and link_id in src["outputs"][origin_slot]["links"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converts_and_passes_comfyui_validation(name, host, info):
+    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, name))
+    skip_if_host_lacks(wf, info)
+    prompt = ui_to_api(wf, info)
+    assert "30" not in prompt  # the Note is frontend-only
+    assert api_link_check(prompt, info) == []
+    wfiles.substitute_files_api(prompt)
+    ok, error, outputs, node_errors = host.validate(prompt)
+    assert ok, (error, node_errors)
+    assert list(outputs) == ["7"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_are_what_build_py_writes(name, info, build_module):
+    """widgets_values follow the current widget order: rebuild from the live definitions and compare."""
+    wf = next((w for w in build_module.WORKFLOWS if w.file == name), None)
+    if wf is None:
+        pytest.skip(f"{name} is not generated by workflows/build.py")
+    missing = sorted(build_module.node_types(wf) - set(info))
+    if missing:
+        pytest.skip(f"this ComfyUI has no {', '.join(missing)}; run with COMFYUI_PATH=<newer ComfyUI>")
+    with open(os.path.join(wfiles.WORKFLOW_DIR, name), encoding="utf-8") as f:
+        assert f.read() == build_module.dumps(build_module.build(wf, info)), \
+            f"{name} is stale: run .venv/bin/python workflows/build.py"
+
+
+def image_workflow():
+    return wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, "image.json"))
+
+
+def node(wf, node_id):
+    return next(n for n in wf["nodes"] if n["id"] == node_id)
+
+
+def test_seed_control_value_is_skipped(info):
+    prompt = ui_to_api(image_workflow(), info)
+    inputs = prompt["5"]["inputs"]
+    assert inputs["seed"] == 0 and inputs["steps"] == 100 and "control_after_generate" not in inputs
+    assert prompt["11"]["inputs"] == {"image": "example.png"}  # the upload button is not an input
+
+
+def test_corrupted_widget_values_fail_validation(host, info):
+    wf = image_workflow()
+    node(wf, 5)["widgets_values"][2] = 0            # steps below min 1
+    node(wf, 10)["widgets_values"][0] = "l3"        # loss not in [l2, l1]
+    prompt = wfiles.substitute_files_api(ui_to_api(wf, info))
+    ok, _, _, node_errors = host.validate(prompt)
+    assert not ok
+    assert "steps" in json.dumps(node_errors["5"]) and node_errors["5"]["class_type"] == "UniversalGuidanceKSampler"
+    assert "l3" in json.dumps(node_errors["10"])
+
+
+def test_mismatched_link_fails(host, info):
+    wf = image_workflow()
+    prompt = wfiles.substitute_files_api(ui_to_api(wf, info))
+    prompt["5"]["inputs"]["vae"] = ["1", 0]  # MODEL into a VAE input
+    assert any("'vae'" in e and "MODEL" in e for e in api_link_check(prompt, info))
+    ok, _, _, node_errors = host.validate(prompt)
+    assert not ok and "5" in node_errors
+
+
+def test_unknown_node_type_is_named(info):
+    wf = image_workflow()
+    node(wf, 12)["type"] = "NoSuchMaskNode"
+    with pytest.raises(UnknownNodeTypes) as e:
+        ui_to_api(wf, info)
+    assert e.value.missing == [("12", "NoSuchMaskNode")]
+    api = {"1": {"class_type": "NoSuchLoader", "inputs": {}}}
+    with pytest.raises(UnknownNodeTypes):
+        ui_to_api(api, info)
+
+
+def test_api_format_is_returned_unchanged(info):
+    prompt = ui_to_api(image_workflow(), info)
+    assert ui_to_api(copy.deepcopy(prompt), info) == prompt
+    assert ui_to_api({"prompt": copy.deepcopy(prompt)}, info) == prompt
+
+
+def test_reroute_primitive_muted_and_bypassed_nodes(host, info):
+    """The frontend's rules: Reroutes are followed, a PrimitiveNode's value flows into its widget, muted nodes
+    and the inputs linked to them vanish, links through a bypassed node go to its input of the same type."""
+    wf = image_workflow()
+    links = wf["links"]
+    next_id = [wf["last_link_id"]]
+
+    def new_link(origin, slot, target, tslot, kind):
+        next_id[0] += 1
+        links.append([next_id[0], origin, slot, target, tslot, kind])
+        return next_id[0]
+
+    def retarget(target, tslot, origin, slot):
+        for link in links:
+            if link[3] == target and link[4] == tslot:
+                link[1], link[2] = origin, slot
+                node(wf, target)["inputs"][tslot]["link"] = link[0]
+                return link[0]
+
+    # Reroute between Load Checkpoint's VAE and VAE Decode.
+    wf["nodes"].append({"id": 40, "type": "Reroute", "pos": [0, 0], "mode": 0,
+                        "inputs": [{"name": "", "type": "*", "link": None}],
+                        "outputs": [{"name": "", "type": "VAE", "links": []}]})
+    node(wf, 40)["inputs"][0]["link"] = new_link(1, 2, 40, 0, "VAE")
+    retarget(6, 1, 40, 0)
+    # PrimitiveNode driving the sampler's seed (a widget converted to an input).
+    wf["nodes"].append({"id": 41, "type": "PrimitiveNode", "pos": [0, 0], "mode": 0,
+                        "outputs": [{"name": "INT", "type": "INT", "links": [], "widget": {"name": "seed"}}],
+                        "widgets_values": [1234, "fixed"]})
+    seed_link = len(node(wf, 5)["inputs"])
+    node(wf, 5)["inputs"].append({"name": "seed", "type": "INT", "link": new_link(41, 0, 5, seed_link, "INT"),
+                                  "widget": {"name": "seed"}})
+    # Bypassed ImageInvert between VAE Decode and Save Image.
+    wf["nodes"].append({"id": 42, "type": "ImageInvert", "pos": [0, 0], "mode": 4,
+                        "inputs": [{"name": "image", "type": "IMAGE", "link": None}],
+                        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}], "widgets_values": []})
+    node(wf, 42)["inputs"][0]["link"] = new_link(6, 0, 42, 0, "IMAGE")
+    retarget(7, 0, 42, 0)
+    # Muted InvertMask: the guidance node's mask input disappears with it.
+    node(wf, 12)["mode"] = 2
+    # A muted PreviewImage hanging off VAE Decode.
+    wf["nodes"].append({"id": 43, "type": "PreviewImage", "pos": [0, 0], "mode": 2,
+                        "inputs": [{"name": "images", "type": "IMAGE", "link": None}], "widgets_values": []})
+    node(wf, 43)["inputs"][0]["link"] = new_link(6, 0, 43, 0, "IMAGE")
+
+    prompt = ui_to_api(wf, info)
+    assert prompt["6"]["inputs"]["vae"] == ["1", 2]
+    assert prompt["5"]["inputs"]["seed"] == 1234
+    assert prompt["7"]["inputs"]["images"] == ["6", 0]
+    assert "mask" not in prompt["10"]["inputs"]
+    assert not {"12", "40", "41", "42", "43"} & set(prompt)
+    ok, error, _, node_errors = host.validate(wfiles.substitute_files_api(prompt))
+    assert ok, (error, node_errors)
+
+
+def test_widget_layout_rules():
+    seed = {"input": {"required": {"model": ("MODEL",), "seed": ("INT", {}), "steps": ("INT", {"default": 3}),
+                                   "mode": (["a", "b"], {"control_after_generate": True})},
+                      "optional": {"x": ("INT", {"control_after_generate": True}),
+                                   "y": ("FLOAT", {"forceInput": True})}}}
+    assert [(s.name, s.kind) for s in nodeinfo.widget_layout(seed)] == [
+        ("seed", "value"), ("control_after_generate", "control"), ("steps", "value"), ("mode", "value"),
+        ("control_after_generate", "control"), ("control_filter_list", "filter"), ("x", "value"),
+        ("control_after_generate", "control")]
+    load = {"input": {"required": {"image": (["a.png"], {"image_upload": True}), "channel": (["alpha"],)}}}
+    assert [s.kind for s in nodeinfo.widget_layout(load)] == ["value", "value", "upload"]

