@@ -53,5 +53,20 @@ comfyui: host-deps
 	  $(PIP) install -q "$$(grep '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" | head -n1)"; fi
 	$(PY) -m headless serve --port $(PORT) --tiny-models $(foreach m,$(MODELS),--models $(m))
 
+demo: venv
+	$(PY) -m benchmarks.digits.demo --out out/demo
+
+demo-quick: venv
+	$(PY) -m benchmarks.digits.demo --out out/demo --quick
+
+bench-quality: venv
+	$(PY) -m benchmarks.digits.quality --out out/bench
+
+BENCH_SPEED_ARGS ?=
+bench-speed: host-deps
+	$(PY) -m benchmarks.speed --out out/bench $(BENCH_SPEED_ARGS)
+
+bench: bench-quality bench-speed
+
 clean:
 	rm -rf $(VENV) out

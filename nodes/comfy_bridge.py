@@ -5,7 +5,8 @@
 * Inference-tensor weights: the stock loaders create weights as inference tensors, which autograd cannot save.
   ``TrainableWeights`` swaps them for normal, frozen copies for the duration of one run and puts the originals
   back afterwards (the cached, shared model is left as it was).
-* The 2024-03 UNet's in-place ``x += n`` in its transformer block: saved tensors are cloned on such hosts.
+* The 2024-03 UNet's in-place ``x += n`` in its transformer block: on such hosts the activations the denoiser
+  saves for backward are copied (``saved_tensor_guard``, around the denoiser call only).
 * Differentiable decode: ``first_stage_model.decode`` on ``process_latent_out`` latents, mapped [-1,1]→[0,1]
   without the clamp of ``VAE.decode`` (and without its inference-mode tiled OOM fallback).
 * UNet and VAE are loaded together with ``load_models_gpu``; progress counts steps × k; previews are detached;
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -100,6 +102,7 @@ class TrainableWeights:
         self._unfrozen.clear()
 
 
+@functools.lru_cache(maxsize=None)
 def _host_has_inplace_residual() -> bool:
     """True where the UNet transformer block adds its residual in place (ComfyUI before 2025-06)."""
     try:
@@ -109,14 +112,44 @@ def _host_has_inplace_residual() -> bool:
         return True
 
 
-def _clone_saved(t: torch.Tensor):
-    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+class _Kept:
+    """A saved tensor kept as it is, with its version: an in-place change before backward is still an error."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int):
+        self.tensor, self.version = tensor, version
+
+
+def _pack_saved(t: torch.Tensor):
+    # Only activations on the gradient path can be the residual that is modified in place: copy those. Frozen
+    # weights (and their transposed views, which the Linear layers save), the conditioning and other tensors off
+    # that path are kept without a copy (at small sizes the weight views are most of the bytes saved).
+    if t.requires_grad and not isinstance(t, torch.nn.Parameter):
+        return t.clone()
+    try:
+        return _Kept(t, t._version)
+    except RuntimeError:  # no version counter (an inference tensor): copy it
+        return t.clone()
+
+
+def _unpack_saved(packed):
+    if isinstance(packed, _Kept):
+        # saved_tensors_hooks bypass autograd's own version check: repeat it for the tensors we did not copy.
+        if packed.tensor._version != packed.version:
+            raise RuntimeError("Universal Guidance: a tensor saved for backward was modified in place "
+                               "(an unsupported in-place operation in the model)")
+        return packed.tensor
+    return packed
 
 
 def saved_tensor_guard():
-    """Clone tensors saved for backward on hosts whose UNet modifies them in place afterwards."""
+    """Copy the activations saved for backward on hosts whose UNet modifies them in place afterwards.
+
+    Wrap the denoiser call only: the decoder and the guidance networks need no copies.
+    """
     if _host_has_inplace_residual():
-        return torch.autograd.graph.saved_tensors_hooks(_clone_saved, lambda t: t)
+        return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
     return contextlib.nullcontext()
 
 
@@ -224,18 +257,18 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                     setattr(model, attr, _normal(getattr(model, attr)))
 
             def denoise(x_in, sigma):
-                return model(x_in, sigma, **extra_args)
+                with saved_tensor_guard():
+                    return model(x_in, sigma, **extra_args)
 
             guidance.reset()
             guidance.prepare(x.device)
             weights.refresh()
             try:
-                with saved_tensor_guard():
-                    out = sample_universal(
-                        denoise, x, sigmas, guidance=guidance, decode=make_decoder(vae, base, node),
-                        settings=settings, parameterization=parameterization, callback=on_step,
-                        on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
-                        generator=generator, stats=stats)
+                out = sample_universal(
+                    denoise, x, sigmas, guidance=guidance, decode=make_decoder(vae, base, node),
+                    settings=settings, parameterization=parameterization, callback=on_step,
+                    on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
+                    generator=generator, stats=stats)
             finally:
                 weights.restore()
             lines = [f"{stats.steps} steps, {stats.iterations} iterations, {stats.denoiser_grad_calls} denoiser "

@@ -1,0 +1,1 @@
+"""Benchmarks of the Universal Guidance pack (speed: ``benchmarks.speed``; quality: ``benchmarks.digits``)."""
