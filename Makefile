@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.built-v1
 HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv host-deps browser test demo demo-quick bench bench-quality bench-speed comfyui clean
+.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed comfyui clean
 PORT   ?= 8188
 MODELS ?=
 
@@ -36,8 +36,36 @@ ifneq ($(strip $(COMFYUI_PATH)),)
 	  $(PIP) install -q -r $(VENV)/host-requirements.txt && touch $(HOST_STAMP); fi
 endif
 
-test: host-deps browser
+# Newer hosts serve the web UI from the PyPI package their requirements.txt names (2024-03 ships it in web/).
+host-frontend: host-deps
+	@if [ -n "$(COMFYUI_PATH)" ] && grep -q '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" 2>/dev/null; then \
+	  $(PIP) install -q "$$(grep '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" | head -n1)"; fi
+
+test: host-frontend browser
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The same suite on ComfyUI v0.3.64 (2025-10), unpacked from ../shared/hosts outside the repository and passed
+# through COMFYUI_PATH. Skips (exit 0, with a message) where the tarball is absent.
+CURRENT_TARBALL ?= $(abspath ../shared/hosts/comfyui-0.3.64.tar.gz)
+CURRENT_ROOT    ?= $(or $(TMPDIR),/tmp)/universal-guidance-hosts
+CURRENT_HOST    := $(CURRENT_ROOT)/comfyui-0.3.64
+test-current:
+	@if [ ! -f "$(CURRENT_TARBALL)" ]; then \
+	  echo "test-current: SKIPPED: no ComfyUI v0.3.64 tarball at $(CURRENT_TARBALL)"; exit 0; fi; \
+	if [ ! -f "$(CURRENT_HOST)/nodes.py" ]; then \
+	  mkdir -p "$(CURRENT_ROOT)" && tar -xzf "$(CURRENT_TARBALL)" -C "$(CURRENT_ROOT)" || exit 1; fi; \
+	echo "test-current: running the suite on ComfyUI v0.3.64 at $(CURRENT_HOST) (COMFYUI_PATH)"; \
+	$(MAKE) --no-print-directory test COMFYUI_PATH="$(CURRENT_HOST)"
+
+# The pack installed by the real ComfyUI-Manager (comfyui-manager 4.3 from PyPI: `cm-cli install <Repository URL>`,
+# its Install-via-Git-URL path) into a throwaway venv with torch + ComfyUI v0.3.64, then ComfyUI started with it
+# (tests/test_manager_install.py, tests/manager_harness.py). The venv is cached in $(MANAGER_ENV) (~6 GB, keyed by
+# its recipe: 2-3 min to build once); each run takes ~1 min and leaves the Manager's transcript and ComfyUI's log in
+# $(MANAGER_ENV)/run/. Skips where the v0.3.64 tarball is absent.
+MANAGER_ENV ?= out/manager-env
+test-manager: venv
+	UG_MANAGER_TEST=1 UG_MANAGER_ENV="$(MANAGER_ENV)" CURRENT_TARBALL="$(CURRENT_TARBALL)" \
+	  $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests/test_manager_install.py
 
 # Best effort: Chromium for the live-server browser test (Debian package; Playwright drives it, no download).
 browser:
@@ -48,9 +76,7 @@ browser:
 
 # The real ComfyUI server with this pack on http://127.0.0.1:$(PORT) (loopback only); workdir out/comfyui.
 # MODELS="~/ComfyUI/models /other/models" adds model roots; the tiny random-weight test checkpoint is always added.
-comfyui: host-deps
-	@if [ -n "$(COMFYUI_PATH)" ] && grep -q '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" 2>/dev/null; then \
-	  $(PIP) install -q "$$(grep '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" | head -n1)"; fi
+comfyui: host-frontend
 	$(PY) -m headless serve --port $(PORT) --tiny-models $(foreach m,$(MODELS),--models $(m))
 
 demo: venv

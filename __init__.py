@@ -2,11 +2,15 @@
 
 ComfyUI loads this folder as a custom-node package; only the node mappings are exported here.
 """
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ModuleNotFoundError as error:  # imported outside ComfyUI (pytest collects this folder as a package)
-    if error.name != "comfy":
-        raise
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+# Imported as a package (ComfyUI's loader, or pytest in a folder named like an identifier): load the nodes.
+# Imported as a plain module (pytest in a folder named e.g. ComfyUI-UniversalGuidance): there is no package to
+# import the nodes from, and nothing to export.
+if __package__:
+    try:
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+    except ModuleNotFoundError as error:  # imported outside ComfyUI (pytest collects this folder as a package)
+        if error.name != "comfy":
+            raise
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -57,7 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from headless.host import PACK_NAME, Host, default_comfyui_path  # noqa: E402
+from headless.host import Host, default_comfyui_path  # noqa: E402
+from headless.host import pack_module as host_pack_module  # noqa: E402
 
 BENCH_CHECKPOINT = "ug-bench-sd15-full-v2-fp16.safetensors"  # bump the version when random_models changes
 MODEL_CACHE = os.path.join(ROOT, "out", "bench-models", "checkpoints")
@@ -204,11 +205,8 @@ def _progress_hook(fn):
 
 # --------------------------------------------------------------------------------------------- host, models
 def pack_module(name: str = ""):
-    """A module of the pack as ComfyUI loaded it (``PACK_NAME.<name>``): the copy the nodes use."""
-    full = PACK_NAME + ("." + name if name else "")
-    if PACK_NAME not in sys.modules:
-        raise RuntimeError("the Universal Guidance pack is not loaded: boot a headless.host.Host first")
-    return importlib.import_module(full)
+    """A module of the pack as ComfyUI loaded it: the copy the nodes use."""
+    return host_pack_module(name)
 
 
 def ensure_bench_checkpoint(cache_dir: str = MODEL_CACHE, name: str = BENCH_CHECKPOINT,

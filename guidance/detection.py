@@ -87,6 +87,37 @@ def make_target(boxes, labels: Sequence[Union[str, int]], *, image_size: Optiona
     return parse_boxes(text, image_size=image_size, relative=relative)
 
 
+def _parse_box(entry: str, n: int, relative: Optional[bool], size: Optional[tuple]):
+    """``(relative box, label id)`` of one ``"x0,y0,x1,y1,label"`` entry (the ``n``-th); errors name the entry."""
+    where = f"box {n} ({entry!r})"
+    parts = [p.strip() for p in entry.split(",", 4)]
+    if len(parts) != 5 or not parts[4]:
+        raise ValueError(f"{where}: expected 'x0,y0,x1,y1,label'")
+    try:
+        x0, y0, x1, y1 = (float(p) for p in parts[:4])
+    except ValueError:
+        raise ValueError(f"{where}: the four coordinates must be numbers") from None
+    try:
+        label = coco_label_id(parts[4])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; use a COCO category name such as 'person', 'dog', 'car', "
+                         f"'teddy bear', or its id 1–90") from None
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{where}: empty box (need x1 > x0 and y1 > y0)")
+    is_rel = relative if relative is not None else max(abs(x0), abs(y0), abs(x1), abs(y1)) <= 1.0
+    if is_rel:
+        if min(x0, y0) < 0 or max(x1, y1) > 1:
+            raise ValueError(f"{where}: relative coordinates must lie in [0, 1]")
+        return (x0, y0, x1, y1), label
+    if size is None:
+        raise ValueError(f"{where}: pixel coordinates need the image size (height, width) they refer to")
+    height, width = size
+    if min(x0, y0) < 0 or x1 > width or y1 > height:
+        raise ValueError(f"{where}: box reaches outside the {width}x{height} image "
+                         f"(x in [0, {width}], y in [0, {height}])")
+    return (x0 / width, y0 / height, x1 / width, y1 / height), label
+
+
 def parse_boxes(text: str, *, image_size: Optional[Sequence[int]] = None,
                 relative: Optional[bool] = None) -> BoxTarget:
     """Parse ``"x0,y0,x1,y1,label; ..."`` (see the module doc) into a ``BoxTarget``.
@@ -100,37 +131,17 @@ def parse_boxes(text: str, *, image_size: Optional[Sequence[int]] = None,
             raise ValueError(f"image_size must be (height, width) > 0, got {image_size}")
         height, width = int(image_size[0]), int(image_size[1])
     entries = [e.strip() for e in re.split(r"[;\n]", text) if e.strip()]
-    boxes, labels = [], []
+    boxes, labels, problems = [], [], []
     for n, entry in enumerate(entries, 1):
-        where = f"box {n} ({entry!r})"
-        parts = [p.strip() for p in entry.split(",", 4)]
-        if len(parts) != 5 or not parts[4]:
-            raise ValueError(f"{where}: expected 'x0,y0,x1,y1,label'")
         try:
-            x0, y0, x1, y1 = (float(p) for p in parts[:4])
-        except ValueError:
-            raise ValueError(f"{where}: the four coordinates must be numbers") from None
-        try:
-            label = coco_label_id(parts[4])
+            rel, label = _parse_box(entry, n, relative, image_size and (height, width))
         except ValueError as e:
-            raise ValueError(f"{where}: {e}; use a COCO category name such as 'person', 'dog', 'car', "
-                             f"'teddy bear', or its id 1–90") from None
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"{where}: empty box (need x1 > x0 and y1 > y0)")
-        is_rel = relative if relative is not None else max(abs(x0), abs(y0), abs(x1), abs(y1)) <= 1.0
-        if is_rel:
-            if min(x0, y0) < 0 or max(x1, y1) > 1:
-                raise ValueError(f"{where}: relative coordinates must lie in [0, 1]")
-            rel = (x0, y0, x1, y1)
-        else:
-            if image_size is None:
-                raise ValueError(f"{where}: pixel coordinates need the image size (height, width) they refer to")
-            if min(x0, y0) < 0 or x1 > width or y1 > height:
-                raise ValueError(f"{where}: box reaches outside the {width}x{height} image "
-                                 f"(x in [0, {width}], y in [0, {height}])")
-            rel = (x0 / width, y0 / height, x1 / width, y1 / height)
+            problems.append(str(e))
+            continue
         boxes.append(rel)
         labels.append(label)
+    if problems:  # every bad entry at once, so one correction fixes them all
+        raise ValueError("; ".join(problems))
     return BoxTarget(torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
 
 

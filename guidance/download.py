@@ -6,8 +6,10 @@ Nothing here runs at import time and nothing downloads unless ``ensure_file`` is
 that publishes it, not guessed:
 
 - open_clip ``pretrained.py`` (``_pcfg(url=...)`` of the ``openai`` tag): OpenAI's CLIP checkpoints. These are
-  TorchScript archives; ``load_state_dict_file`` reads them (via ``torch.jit.load``) and the CLIP loader switches
-  on QuickGELU for them, as open_clip does for the ``openai`` tag.
+  TorchScript archives, and loading a TorchScript archive runs code stored in it (e.g. a class's ``__setstate__``):
+  ``load_state_dict_file`` hands one to ``torch.jit.load`` only when its SHA-256 equals the full hash OpenAI
+  publishes in the URL, and refuses every other archive. The CLIP loader switches on QuickGELU for them, as
+  open_clip does for the ``openai`` tag.
 - torchvision ``models/segmentation/*.py`` (``COCO_WITH_VOC_LABELS_V1``) and ``models/detection/faster_rcnn.py``
   (``FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``).
 - facenet-pytorch ``models/inception_resnet_v1.py`` (``load_weights('vggface2')``): the GitHub release v2.2.9
@@ -124,15 +126,25 @@ def ensure_file(path: str, url: str, *, progress: bool = True, sha256: Optional[
         raise RuntimeError(f"{path!r} exists but is not a regular file; remove it or {_manual_hint(path, url)}")
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise RuntimeError(f"cannot create the folder {folder!r} for {name!r} ({e}); {_manual_hint(path, url)}") from e
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+
+    def failed(e: Exception) -> RuntimeError:
+        return RuntimeError(f"could not download {name!r} from {url} ({e}); {_manual_hint(path, url)}")
+
+    try:  # connect first: offline, nothing is created on disk
+        request = urllib.request.Request(url, headers={"User-Agent": "comfyui-universal-guidance"})
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        raise failed(e) from e
+    fd = tmp = None
     try:
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "comfyui-universal-guidance"})
-            with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot create the folder {folder!r} for {name!r} ({e}); "
+                               f"{_manual_hint(path, url)}") from e
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+        try:
+            with response, os.fdopen(fd, "wb") as out:
                 fd = None
                 total = response.headers.get("Content-Length")
                 total = int(total) if total and total.isdigit() else None
@@ -157,7 +169,7 @@ def ensure_file(path: str, url: str, *, progress: bool = True, sha256: Optional[
             if total is not None and os.path.getsize(tmp) != total:
                 raise OSError(f"incomplete download: got {os.path.getsize(tmp)} of {total} bytes")
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-            raise RuntimeError(f"could not download {name!r} from {url} ({e}); {_manual_hint(path, url)}") from e
+            raise failed(e) from e
         if sha256:
             digest = _sha256(tmp)
             if not digest.startswith(sha256.lower()):
@@ -167,6 +179,7 @@ def ensure_file(path: str, url: str, *, progress: bool = True, sha256: Optional[
         os.replace(tmp, path)
         tmp = None
     finally:
+        response.close()
         if fd is not None:
             os.close(fd)
         if tmp is not None and os.path.exists(tmp):
@@ -189,13 +202,49 @@ def is_torchscript_archive(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") for n in z.namelist())
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+# Extra trusted TorchScript files, full SHA-256 → name. Empty in use; tests add the hash of an archive they wrote.
+EXTRA_TRUSTED_TORCHSCRIPT: dict = {}
+_SHA_CACHE: dict = {}
+
+
+def trusted_torchscript() -> dict:
+    """Full SHA-256 → file name of the TorchScript archives that may be loaded (OpenAI's CLIP files)."""
+    table = {e.sha256_prefix: e.name for e in WEIGHT_FILES.values()
+             if e.url.endswith(".pt") and e.kind == "clip" and len(e.sha256_prefix) == 64}
+    table.update(EXTRA_TRUSTED_TORCHSCRIPT)
+    return table
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, remembered per (path, size, modification time) so a file is hashed once per process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _sha256(path)
+    return _SHA_CACHE[key]
+
+
+def _untrusted_torchscript(path: str, digest: str) -> RuntimeError:
+    name = os.path.basename(path)
+    standard = ", ".join(sorted(set(trusted_torchscript().values())))
+    return RuntimeError(
+        f"{name!r} is a TorchScript archive, and loading one runs code stored in the file, so it is refused. Only "
+        f"the standard OpenAI CLIP files ({standard}) are read as TorchScript, after their SHA-256 is checked; this "
+        f"file's SHA-256 ({digest[:16]}…) matches none of them. Convert the file to safetensors on a machine where "
+        f"you trust it, e.g. python -c \"import torch; from safetensors.torch import save_file; "
+        f"sd = torch.jit.load('{name}', map_location='cpu').state_dict(); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{os.path.splitext(name)[0]}.safetensors')\", "
+        f"and select the .safetensors file instead")
 
 
 def load_state_dict_file(path: str, *, map_location="cpu") -> dict:
     """Read a state dict from ``.safetensors``, a ``torch.save`` file (``weights_only=True``: tensors only, no
-    arbitrary pickles) or a TorchScript archive. ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and a
-    ``module.`` prefix (DataParallel) are removed. Errors name the file."""
+    arbitrary pickles) or one of the standard OpenAI CLIP TorchScript archives (checked by SHA-256 before it is
+    opened; any other TorchScript archive is refused, since loading one runs its code). ``{"state_dict": ...}`` /
+    ``{"model": ...}`` wrappers and a ``module.`` prefix (DataParallel) are removed. Errors name the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path!r}")
@@ -207,6 +256,9 @@ def load_state_dict_file(path: str, *, map_location="cpu") -> dict:
             except Exception as e:
                 raise RuntimeError(f"cannot read the safetensors file {path!r}: {e}") from e
         elif is_torchscript_archive(path):
+            digest = file_sha256(path)
+            if digest not in trusted_torchscript():
+                raise _untrusted_torchscript(path, digest)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:

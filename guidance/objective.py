@@ -1,13 +1,20 @@
 """What the sampler minimizes: a weighted sum of guidance terms, each with its own step window.
 
-A term wraps a loss ``loss(image_01: Tensor[B,3,H,W]) -> Tensor[B]`` evaluated on the decoded clean prediction
-(RGB in [0, 1], not clamped, so gradients survive). ``Guidance`` is immutable: adding a term returns a new object,
-so values cached and shared by a node graph are never changed behind anyone's back.
+Two kinds of term:
+
+* *image* terms wrap ``loss(image_01: Tensor[B,3,H,W]) -> Tensor[B]`` evaluated on the decoded clean prediction
+  (RGB in [0, 1], not clamped, so gradients survive): the guidance networks;
+* *internal* terms (``loss.term_kind == "internal"``, see ``selfguidance``) wrap ``loss(internals, reference) ->
+  Tensor[B]`` evaluated on what the denoiser captured in the same call that gave x̂0 (attention maps,
+  activations), and on the reference's capture when they need one. No decode.
+
+``Guidance`` is immutable: adding a term returns a new object, so values cached and shared by a node graph are
+never changed behind anyone's back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -24,9 +31,9 @@ def window_contains(start: float, end: float, progress: float) -> bool:
 
 def check_window(start: float, end: float, what: str = "window") -> None:
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-        raise ValueError(f"{what}: start_percent and end_percent must lie in [0, 1], got {start} and {end}")
+        raise ValueError(f"{what}: start_percent and end_percent must lie in [0, 1], got {start:g} and {end:g}")
     if start >= end:
-        raise ValueError(f"{what}: start_percent ({start}) must be smaller than end_percent ({end})")
+        raise ValueError(f"{what}: start_percent ({start:g}) must be smaller than end_percent ({end:g})")
 
 
 class NetworkLoss:
@@ -57,7 +64,9 @@ class NetworkLoss:
 
 @dataclass(frozen=True)
 class GuidanceTerm:
-    """One guidance loss with its weight and step window (fractions of the run's steps)."""
+    """One guidance loss with its weight and step window (fractions of the run's steps).
+
+    A negative weight pushes away from the term's target (e.g. away from a text); 0 switches the term off."""
 
     name: str
     loss: LossFn
@@ -68,8 +77,26 @@ class GuidanceTerm:
     def __post_init__(self):
         check_window(self.start_percent, self.end_percent, f"guidance term {self.name!r}")
 
+    @property
+    def kind(self) -> str:
+        """``"image"`` (a loss on the decoded image) or ``"internal"`` (a loss on the denoiser's internals)."""
+        return getattr(self.loss, "term_kind", "image")
+
+    @property
+    def reference_key(self):
+        """Which reference an internal term needs: None, ``"original"``, or ``("latent", id)``."""
+        if self.kind != "internal":
+            return None
+        ref = getattr(self.loss, "reference", None)
+        if isinstance(ref, torch.Tensor):
+            return ("latent", id(ref))
+        return ref if ref == "original" else None
+
     def active(self, progress: float) -> bool:
         return self.weight != 0.0 and window_contains(self.start_percent, self.end_percent, progress)
+
+
+KINDS = ("image", "internal")
 
 
 @dataclass(frozen=True)
@@ -84,25 +111,58 @@ class Guidance:
     def __len__(self) -> int:
         return len(self.terms)
 
-    def active_terms(self, progress: float) -> Sequence[GuidanceTerm]:
-        return [t for t in self.terms if t.active(progress)]
+    def active_terms(self, progress: float, kinds: Sequence[str] = KINDS) -> Sequence[GuidanceTerm]:
+        return [t for t in self.terms if t.kind in kinds and t.active(progress)]
 
-    def active(self, progress: float) -> bool:
-        return any(t.active(progress) for t in self.terms)
+    def active(self, progress: float, kinds: Sequence[str] = KINDS) -> bool:
+        return bool(self.active_terms(progress, kinds))
 
-    def __call__(self, image: torch.Tensor, progress: float) -> torch.Tensor:
-        """Per-sample weighted loss of the terms active at ``progress``; shape ``[B]``, float32."""
+    def has(self, kind: str) -> bool:
+        return any(t.kind == kind for t in self.terms)
+
+    def capture_request(self, progress: float):
+        """The union of what the active internal terms need captured, or None when none is active."""
+        request = None
+        for term in self.active_terms(progress, ("internal",)):
+            request = term.loss.request if request is None else request | term.loss.request
+        return request
+
+    def references(self, progress: Optional[float] = None) -> dict:
+        """``{reference key: the reference (``"original"`` or a latent tensor)}`` of the internal terms (active at
+        ``progress`` when given)."""
+        terms = self.terms if progress is None else self.active_terms(progress, ("internal",))
+        return {t.reference_key: t.loss.reference for t in terms if t.reference_key is not None}
+
+    def __call__(self, image: Optional[torch.Tensor], progress: float, *, internals=None,
+                 references: Optional[dict] = None, kinds: Sequence[str] = KINDS,
+                 record: Optional[dict] = None) -> torch.Tensor:
+        """Per-sample weighted loss of the terms of ``kinds`` active at ``progress``; shape ``[B]``, float32.
+
+        ``image``: the decoded clean prediction (needed when an image term is active); ``internals``: the
+        denoiser's capture (needed when an internal term is active); ``references``: ``{reference key:
+        Internals}``. ``record``, when given, receives each term's unweighted loss (mean over the batch)."""
         total = None
-        for term in self.active_terms(progress):
-            value = term.loss(image)
-            if value.dim() != 1 or value.shape[0] != image.shape[0]:
+        for term in self.active_terms(progress, kinds):
+            if term.kind == "internal":
+                if internals is None:
+                    raise ValueError(f"guidance term {term.name!r} reads the denoiser's attention, which was not "
+                                     f"captured for this evaluation")
+                value = term.loss(internals, (references or {}).get(term.reference_key))
+            else:
+                value = term.loss(image)
+            batch = image.shape[0] if image is not None else value.shape[0]
+            if value.dim() != 1 or value.shape[0] != batch:
                 raise ValueError(
                     f"guidance term {term.name!r} returned a loss of shape {tuple(value.shape)}; "
-                    f"expected one value per image, shape ({image.shape[0]},)")
+                    f"expected one value per image, shape ({batch},)")
+            if record is not None:
+                record[term.name] = float(value.detach().float().mean())
             value = value.float() * term.weight
             total = value if total is None else total + value
         if total is None:
-            return image.new_zeros(image.shape[0], dtype=torch.float32)
+            source = image if image is not None else next(iter((internals.maps if internals else {}).values()),
+                                                          None)
+            return torch.zeros(source.shape[0] if source is not None else 1, dtype=torch.float32)
         return total
 
     def reports(self) -> list:

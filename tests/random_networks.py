@@ -109,3 +109,36 @@ def write_detector(folder: str, seed: int = 0) -> str:
     path = os.path.join(folder, "fasterrcnn_resnet50_fpn_v2-random.pth")
     torch.save(model.state_dict(), path)
     return path
+
+
+class _MarkerOnLoad(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` — run by ``torch.jit.load`` — writes a file (8 bytes 'A')."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.marker = marker
+
+    def forward(self, x):
+        return x + self.weight
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.weight, self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]):
+        written = torch.from_file(state[1], True, 8, dtype=torch.uint8)
+        written.fill_(65)
+        self.weight = state[0] + written.sum() * 0
+        self.marker = state[1]
+        self.training = state[2]
+
+
+def write_code_running_archive(path: str, marker: str) -> str:
+    """A crafted TorchScript archive: loading it with ``torch.jit.load`` creates ``marker``."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_MarkerOnLoad(marker)), path)
+    return path

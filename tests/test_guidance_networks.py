@@ -19,6 +19,7 @@ from guidance import download as ug_dl
 from guidance import segmentation as ug_seg
 from guidance import style as ug_style
 from guidance.objective import Guidance, GuidanceTerm
+import random_networks as rn  # noqa: E402
 from random_networks import (astronaut, calibrate_bn_, calibration_images, coffee, perturb_,  # noqa: F401
                              smooth_image, write_detector, write_face_net, write_lraspp)
 
@@ -130,7 +131,7 @@ def test_clip_loader_reads_every_format(tiny_vit_file, tmp_path):
         assert model.ug_arch == name
 
 
-def test_clip_loader_reads_torchscript_archives_with_quickgelu(tmp_path):
+def test_clip_loader_reads_trusted_torchscript_archives_with_quickgelu(tmp_path, monkeypatch):
     import warnings
 
     import open_clip
@@ -142,10 +143,31 @@ def test_clip_loader_reads_torchscript_archives_with_quickgelu(tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.script(source).save(str(path))
     assert ug_dl.is_torchscript_archive(str(path))
+    with pytest.raises(RuntimeError, match="TorchScript archive.*refused"):
+        ug_clip.load_clip(name, str(path))  # not a standard file: its hash is in no table
+    monkeypatch.setitem(ug_dl.EXTRA_TRUSTED_TORCHSCRIPT, ug_dl.file_sha256(str(path)), path.name)
     model = ug_clip.load_clip(name, str(path))
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     for k, v in model.state_dict().items():
         assert torch.equal(v, source.state_dict()[k])
+
+
+def test_openai_clip_hashes_are_full_sha256():
+    table = ug_dl.trusted_torchscript()
+    assert sorted(table.values()) == ["RN50.pt", "ViT-B-16.pt", "ViT-B-32.pt", "ViT-L-14.pt"]
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in table)
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "ViT-B-32.pt", "evil.pth", "evil.bin"])
+def test_code_running_torchscript_archive_is_refused_and_runs_nothing(tmp_path, name):
+    marker = tmp_path / "marker"
+    path = rn.write_code_running_archive(str(tmp_path / name), str(marker))
+    assert ug_dl.is_torchscript_archive(path) and not marker.exists()
+    with pytest.raises(RuntimeError) as info:
+        ug_dl.load_state_dict_file(path)
+    assert not marker.exists(), "loading the archive ran its code"
+    message = str(info.value)
+    assert name in message and "TorchScript" in message and "safetensors" in message
 
 
 def test_clip_loader_errors(tiny_vit_file, tmp_path):
@@ -599,7 +621,7 @@ def test_ensure_file_network_failure_names_file_folder_and_url(tmp_path):
         ug_dl.ensure_file(str(target), url, progress=False, timeout=5)
     message = str(info.value)
     assert "'ViT-B-32.pt'" in message and str(tmp_path / "clip") in message and url in message
-    assert os.listdir(tmp_path / "clip") == []
+    assert not (tmp_path / "clip").exists(), "offline, nothing may be created"
 
 
 def test_weight_file_table_matches_the_installed_libraries():

@@ -158,8 +158,10 @@ def test_post_prompt_with_bad_inputs_names_node_and_input(server):
     assert status == 400, body
     errors = body["node_errors"]["5"]
     assert errors["class_type"] == "UniversalGuidanceKSampler"
-    text = json.dumps(errors["errors"])
-    assert "start_percent (0.7) must be smaller than end_percent (0.3)" in text
+    assert len(errors["errors"]) == 1, errors  # one message for the pair of inputs
+    details = errors["errors"][0]["details"]
+    assert details.startswith("Universal Guidance KSampler: inputs 'start_percent' and 'end_percent'"), details
+    assert "the window from 0.7 to 0.3 is empty" in details
 
     prompt = tiny_prompt(info)
     del prompt["5"]["inputs"]["vae"]

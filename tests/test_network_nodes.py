@@ -201,20 +201,46 @@ def run_error(host, term_nodes, ref, validate=True):
     return err["exception_message"]
 
 
-def test_unknown_label_names_the_entry(host, nets):
-    node = {"class_type": "UniversalGuidanceDetection", "inputs": {
-        "boxes": "2,2,20,30,person; 4,4,10,10,unicorn", "coordinates": "pixels", "width": SIZE, "height": SIZE,
-        "model": os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64, **window(1.0)}}
-    msg = run_error(host, {"42": node}, ["42", 0])
+def validation_errors(host, prompt) -> dict:
+    """``{node id: [error text, ...]}`` from ComfyUI's own validator (the prompt must be invalid)."""
+    ok, _, _, node_errors = host.validate(prompt)
+    assert not ok
+    return {nid: [f"{e['message']}: {e['details']}" for e in entry["errors"]] for nid, entry in node_errors.items()}
+
+
+def detection_node(nets, boxes, model=None, **overrides):
+    return {"class_type": "UniversalGuidanceDetection", "inputs": {
+        "boxes": boxes, "coordinates": "pixels", "width": SIZE, "height": SIZE,
+        "model": model or os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64,
+        **window(1.0), **overrides}}
+
+
+def test_unknown_label_names_the_entry_at_validation(host, nets):
+    node = detection_node(nets, "2,2,20,30,person; 4,4,10,10,unicorn")
+    errors = validation_errors(host, graph({"42": node}, ["42", 0], seed=0, knobs={}))
+    assert list(errors) == ["42"] and len(errors["42"]) == 1, errors
+    msg = errors["42"][0]
     assert "UG Object Detection Guidance" in msg and "input 'boxes'" in msg and "box 2" in msg and "unicorn" in msg
 
 
-def test_box_outside_the_image_names_the_entry(host, nets):
-    node = {"class_type": "UniversalGuidanceDetection", "inputs": {
-        "boxes": "2,2,20,30,person; 10,10,40,20,dog", "coordinates": "pixels", "width": SIZE, "height": SIZE,
-        "model": os.path.basename(nets["det"]), "box_regression": False, "detector_size": 64, **window(1.0)}}
-    msg = run_error(host, {"42": node}, ["42", 0])
-    assert "input 'boxes'" in msg and "box 2" in msg and "outside" in msg
+def test_every_bad_box_is_listed_at_once(host, nets):
+    node = detection_node(nets, "2,2,20,30,person; 10,10,40,20,dog; 5,5,1,1,cat")
+    (msg,) = validation_errors(host, graph({"42": node}, ["42", 0], seed=0, knobs={}))["42"]
+    assert "box 2" in msg and "outside" in msg and "box 3" in msg and "empty box" in msg
+    assert "box 1" not in msg
+
+
+def test_bad_window_and_bad_boxes_are_listed_together_once_each(host, nets):
+    """One queue shows every mistake: the sampler's window and the detection node's boxes and window."""
+    node = detection_node(nets, "2,2,20,30,unicorn", start_percent=0.7000000000000001, end_percent=0.4)
+    prompt = graph({"42": node}, ["42", 0], seed=0, knobs={"start_percent": 0.9, "end_percent": 0.3})
+    errors = validation_errors(host, prompt)
+    assert sorted(errors) == ["42", "5"], errors
+    assert len(errors["42"]) == 1 and len(errors["5"]) == 1, errors  # reported once per node
+    det, sampler = errors["42"][0], errors["5"][0]
+    assert "unicorn" in det and "window from 0.7 to 0.4 is empty" in det and "0.7000000000000001" not in det
+    assert "Universal Guidance KSampler" in sampler and "window from 0.9 to 0.3 is empty" in sampler
+    assert "start_percent - start_percent" not in sampler  # no doubled prefix
 
 
 @pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch not installed (make venv installs it --no-deps)")
@@ -263,8 +289,99 @@ def test_segmentation_needs_exactly_one_target(host, nets):
     assert "UG Segmentation Guidance" in msg and "'segmentation_map' / 'mask'" in msg
 
 
-def test_empty_clip_text_is_a_clear_error(host, nets):
+def test_empty_clip_text_is_a_validation_error(host, nets):
     node = clip_text_node(nets)
     node["inputs"]["text"] = "  "
-    msg = run_error(host, {"40": node}, ["40", 0])
+    (msg,) = validation_errors(host, graph({"40": node}, ["40", 0], seed=0, knobs={}))["40"]
     assert "UG CLIP Text Guidance" in msg and "input 'text'" in msg
+
+
+# ------------------------------------------------------------------------------------- model-file safety
+
+def _file_nodes(nets):
+    """Per node: (folder, file name for a crafted archive, node builder given that file name)."""
+    clip_arch = nets["clip_vit"][0]
+
+    def clip(name):
+        n = clip_text_node(nets)
+        n["inputs"]["clip_model"] = name
+        return {"40": n}, ["40", 0]
+
+    def style(name):
+        return {**load_image_node("ug_style.png", "31"), "43": {"class_type": "UniversalGuidanceStyle", "inputs": {
+            "style_image": ["31", 0], "clip_model": name, "architecture": "auto (from file)", "gram_weight": 0.0,
+            **window(1.0)}}}, ["43", 0]
+
+    def seg(name):
+        n = seg_node(nets)
+        n["inputs"]["model"] = name
+        return {**load_image_node("ug_seg.png", "30"), "41": n}, ["41", 0]
+
+    def det(name):
+        return {"42": detection_node(nets, "2,2,20,30,person", model=name)}, ["42", 0]
+
+    def face(name):
+        return {**load_image_node("ug_face_ref.png", "32"), "44": {"class_type": "UniversalGuidanceFace", "inputs": {
+            "reference": ["32", 0], "model": name, "loss": "l1", "crop": "full", **window(1.0)}}}, ["44", 0]
+
+    return {
+        "clip_text": (nets["ug_clip"], f"{clip_arch}-crafted.pt", clip),
+        "style": (nets["ug_clip"], f"{clip_arch}-crafted2.pt", style),
+        "segmentation": (nets["ug_segmentation"], "lraspp_mobilenet_v3_large-crafted.pt", seg),
+        "detection": (nets["ug_detection"], "fasterrcnn-crafted.pth", det),
+        "face": (nets.get("ug_face"), "vggface2-crafted.pt", face),
+    }
+
+
+@pytest.mark.parametrize("which", ["clip_text", "style", "segmentation", "detection", "face"])
+def test_code_running_model_file_is_refused_by_every_node_and_runs_nothing(host, nets, tmp_path, which):
+    if which == "face" and not HAVE_FACENET:
+        pytest.skip("facenet-pytorch not installed (make venv installs it --no-deps)")
+    folder, name, build = _file_nodes(nets)[which]
+    marker = tmp_path / "written-by-the-archive"
+    path = rn.write_code_running_archive(os.path.join(folder, name), str(marker))
+    try:
+        term_nodes, ref = build(name)
+        msg = run_error(host, term_nodes, ref)
+    finally:
+        os.remove(path)
+    assert not marker.exists(), "loading the model file ran code from it"
+    assert "TorchScript archive" in msg and "refused" in msg and ".safetensors" in msg and name in msg, msg
+
+
+def test_offline_download_names_the_users_models_folder_and_creates_nothing(host, nets, monkeypatch):
+    """The download folder is the models folder the host was given (here the test workdir's), not the ComfyUI
+    checkout's; offline, nothing is created anywhere."""
+    import urllib.request
+
+    import folder_paths
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    name = "deeplabv3_resnet101_coco-586e9e4e.pth"
+    target = os.path.join(folder_paths.models_dir, "universal_guidance", "segmentation")
+    in_host = os.path.join(host.path, "models", "universal_guidance")
+    existed = os.path.exists(in_host)
+    nodes_ = {**load_image_node("ug_seg.png", "30"), "41": seg_node(nets)}
+    nodes_["41"]["inputs"]["model"] = name
+    nodes_["41"]["inputs"]["architecture"] = "deeplabv3_resnet101"
+    msg = run_error(host, nodes_, ["41", 0])
+    assert folder_paths.models_dir == os.path.join(host.workdir, "models")
+    assert repr(target) in msg and name in msg and "by hand" in msg, msg
+    assert host.path not in msg
+    assert os.path.exists(in_host) == existed
+    assert not os.path.exists(os.path.join(target, name))
+
+
+def test_models_roots_list_universal_guidance_folders(host, nets, tmp_path):
+    """A models root added later (extra_model_paths.yaml, the runner's --models) lists its universal_guidance/<kind>
+    files in the nodes' widgets, as does the host's own models folder."""
+    import folder_paths
+
+    from headless.runner import add_model_roots
+    root = tmp_path / "user-models"
+    (root / "universal_guidance" / "segmentation").mkdir(parents=True)
+    (root / "universal_guidance" / "segmentation" / "lraspp_mobilenet_v3_large-mine.pth").write_bytes(b"x")
+    add_model_roots(folder_paths, [str(root)])
+    listed = host.node_types["UniversalGuidanceSegmentation"].INPUT_TYPES()["required"]["model"][0]
+    assert "lraspp_mobilenet_v3_large-mine.pth" in listed
+    assert os.path.basename(nets["seg"]) in listed  # the workdir's models/universal_guidance/segmentation

@@ -45,6 +45,9 @@ def test_runs_image_workflow_and_writes_images(host, tmp_path, inputs):
     assert "[run] node 5 (UniversalGuidanceKSampler)" in proc.stdout
     assert "[run] node 5: 2/2" in proc.stdout  # progress of the sampler
     assert f"[run] wrote {images[0]}" in proc.stdout
+    # the sampler's summary line, as the README promises
+    assert "[run] Universal Guidance: 2 steps, 2 iterations, 2 denoiser backward passes, 2 guided decodes in" \
+        in proc.stdout, proc.stdout[-2000:]
     assert (tmp_path / "in" / wfiles.REFERENCE).is_file()  # the image path was copied into the input folder
 
 
@@ -126,3 +129,56 @@ def test_value_parsing():
     assert runner.parse_set("2.text=a cat, 4k") == ("2", "text", "a cat, 4k")
     assert runner.parse_set('2.text="42"') == ("2", "text", "42")
     assert runner.parse_set('6.vae=["1", 2]') == ("6", "vae", ["1", 2])
+
+
+def test_term_reports_are_printed(host, tmp_path, capfd):
+    """A term's report line (here: the steps a face term had to skip) reaches the runner's output."""
+    pytest.importorskip("facenet_pytorch")
+    import random_networks as rn
+    folder = os.path.join(host.workdir, "models", "universal_guidance", "face")
+    os.makedirs(folder, exist_ok=True)
+    weights = rn.write_face_net(folder)
+    ref = (rn.astronaut((160, 160))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    Image.fromarray(ref).save(tmp_path / "face.png")
+    api = prompts_face(os.path.basename(weights))
+    wf = tmp_path / "face_api.json"
+    wf.write_text(json.dumps(api))
+    code = runner.main([str(wf), "--set", f"32.image={tmp_path / 'face.png'}", "--out", str(tmp_path / "out")],
+                       host=host)
+    out = capfd.readouterr().out
+    assert code == 0, out
+    assert "[run] Universal Guidance: face: no face found in 2 of 2 evaluations" in out, out[-2000:]
+
+
+def prompts_face(face_file: str) -> dict:
+    import prompts
+    p = prompts.base(CHECKPOINT, size=32)
+    p["32"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    p["44"] = {"class_type": "UniversalGuidanceFace", "inputs": {
+        "reference": ["32", 0], "model": face_file, "loss": "l1", "crop": "detect", "weight": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    p["5"] = {"class_type": "UniversalGuidanceKSampler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "vae": ["1", 2],
+        "guidance": ["44", 0], "seed": 1, "steps": 2, "cfg": 1.0, "scheduler": "normal", "denoise": 1.0,
+        **prompts.KNOBS}}
+    p["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
+    p["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "face"}}
+    return p
+
+
+@pytest.mark.parametrize("extra", [["--listen", "0.0.0.0"], ["--liste", "0.0.0.0"], ["--lis=0.0.0.0"],
+                                   ["--listen=::"]])
+def test_serve_cannot_be_talked_into_another_address(tmp_path, capsys, extra):
+    from headless import serve
+    code = serve.main(["--print-command", "--workdir", str(tmp_path), "--", *extra])
+    assert code == 2 and "127.0.0.1 only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # serve's own options take no abbreviations either
+        serve.main(["--print-command", "--workdir", str(tmp_path), "--liste", "0.0.0.0"])
+
+
+def test_serve_command_ends_with_the_loopback_address(tmp_path, capsys):
+    from headless import serve
+    assert serve.main(["--print-command", "--workdir", str(tmp_path), "--", "--lowvram"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[-2:] == ["--listen", "127.0.0.1"] and "--lowvram" in cmd
+    assert cmd[4] == os.path.join(str(tmp_path), "models")  # the workdir's models folder is ComfyUI's models folder

@@ -128,8 +128,10 @@ NETWORK_WORKFLOWS = [
                           "(black = background; other colours = VOC classes, e.g. (192,128,128) person).",
                           "lraspp_mobilenet_v3_large-d234d4ea.pth (torchvision) in "
                           "models/universal_guidance/segmentation/",
-                          "Load your map in Load Image (ComfyUI/input/). The paper uses k = 10 recurrence and CFG "
-                          "1.5–2 for segmentation (k = 4 set here to keep the run shorter)."),
+                          "Target map: Load Image names segmentation_map.png — this pack ships one in "
+                          "workflows/inputs/segmentation_map.png (a standing person); copy it into ComfyUI/input/ "
+                          "or load your own map. The paper uses k = 10 recurrence and CFG 1.5–2 for segmentation "
+                          "(k = 4 set here to keep the run shorter)."),
         knobs={"recurrence": 4}, cfg=2.0),
     Workflow(
         file="face.json", title="Universal Guidance — face guidance", sampler="ksampler",
@@ -144,8 +146,10 @@ NETWORK_WORKFLOWS = [
                           "20180402-114759-vggface2.pt (facenet-pytorch's InceptionResnetV1) in "
                           "models/universal_guidance/face/, and facenet-pytorch installed by the pack's "
                           "install.py (--no-deps)",
-                          "Load a photo with a clearly visible face in Load Image. Steps where no face is found "
-                          "in the decoded image are skipped and counted in the console log. The paper uses k = 2."),
+                          "Reference face: Load Image names face_reference.png, which is not shipped — save a "
+                          "photo with one clearly visible face as ComfyUI/input/face_reference.png, or pick your "
+                          "photo in Load Image. Steps where no face is found in the decoded image are skipped and "
+                          "counted in the console log. The paper uses k = 2."),
         knobs={"recurrence": 2}),
     Workflow(
         file="detection.json", title="Universal Guidance — object detection guidance", sampler="ksampler",
@@ -171,7 +175,9 @@ NETWORK_WORKFLOWS = [
         note=network_note("style guidance — the image should take the style of a reference image (CLIP RN50 "
                           "embedding, as in the paper).",
                           "RN50.pt (OpenAI CLIP) in models/universal_guidance/clip/",
-                          "Load the style image in Load Image. The paper uses s0 = 6, k = 6 and CFG 3 (k = 3 here)."),
+                          "Style image: Load Image names style.png — this pack ships one in workflows/inputs/style.png; "
+                          "copy it into ComfyUI/input/ or load your own. The paper uses s0 = 6, k = 6 and CFG 3 "
+                          "(k = 3 here)."),
         knobs={"recurrence": 3}, cfg=3.0),
     Workflow(
         file="segmentation_plus_clip.json", title="Universal Guidance — segmentation + CLIP text (chained)",
@@ -181,8 +187,52 @@ NETWORK_WORKFLOWS = [
                           "content; the sampler minimizes the weighted sum.",
                           "lraspp_mobilenet_v3_large-d234d4ea.pth in models/universal_guidance/segmentation/ and "
                           "ViT-B-32.pt in models/universal_guidance/clip/",
+                          "Target map: Load Image names segmentation_map.png — this pack ships one in "
+                          "workflows/inputs/segmentation_map.png; copy it into ComfyUI/input/ or load your own. "
                           "Each term has its own weight and step window (start/end percent)."),
         knobs={"recurrence": 2}, cfg=2.0),
+]
+
+
+SG_PROMPT = "a photo of a dog on a beach, sunny day, highly detailed"
+
+
+def sg_move(node_id, pos, chain=None, weight=4.0):
+    inputs = {"clip": link(1, "CLIP"), "prompt": SG_PROMPT, "words": "dog", "layers": "coarse decoder",
+              "weight": weight, "start_percent": 0.0, "end_percent": 0.6, "mode": "to (x, y)", "x": 0.25, "y": 0.6}
+    if chain is not None:
+        inputs["guidance"] = link(chain, "UG_GUIDANCE")
+    return Node(node_id, "UniversalGuidanceSGMove", pos, inputs, size=(340, 330))
+
+
+SG_NOTE = ("\n\nModel files: an SD 1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in ComfyUI/models/"
+           "checkpoints/ — self-guidance needs no other model file (SDXL checkpoints work too). The self-guidance "
+           "node's prompt must be the positive prompt, word for word; 'words' names the object. The sampler runs in "
+           "'normalized' mode (forward_strength 0.2): attention gradients are small, and this makes the step size "
+           "independent of the weights' scale. Check where a word attends with UG Attention Map first. Weights "
+           "and strengths are starting points: they were not tuned on real Stable Diffusion weights (this "
+           "project's tests use random-weight models; the shapes benchmark measures the method on a small "
+           "trained model).")
+SG_KNOBS = {"forward_strength": 0.2, "strength_mode": "normalized", "recurrence": 1}
+
+SELF_GUIDANCE_WORKFLOWS = [
+    Workflow(
+        file="self_guidance_move.json", title="Universal Guidance — self-guidance: move an object",
+        sampler="ksampler", guidance=[sg_move(10, (C2, 530))], guidance_out=10,
+        guidance_title="Self-guidance: move the dog to (0.25, 0.6)", positive=SG_PROMPT,
+        note="Universal Guidance: self-guidance (Epstein et al. 2023) — move the object a word names, using the "
+             "model's own cross-attention: the dog's attention centroid is pulled to x = 0.25, y = 0.6 (0, 0 = "
+             "top left) during the first 60 % of the steps." + SG_NOTE,
+        knobs=SG_KNOBS),
+    Workflow(
+        file="self_guidance_plus_clip.json", title="Universal Guidance — self-guidance + CLIP text (chained)",
+        sampler="ksampler",
+        guidance=[clip_node(11, (C2, 530)), sg_move(10, (C2, 820), chain=11)], guidance_out=10,
+        guidance_title="CLIP text guidance, then self-guidance: move the dog", positive=SG_PROMPT,
+        note="Universal Guidance: an external network and the model's own attention in one sampler — CLIP text "
+             "guidance (ViT-B-32.pt in models/universal_guidance/clip/, downloaded on first use) steers the look, "
+             "self-guidance moves the dog to the left. Each term has its own weight and window." + SG_NOTE,
+        knobs=SG_KNOBS),
 ]
 
 
@@ -203,6 +253,7 @@ WORKFLOWS = [
         note="Universal Guidance as a SAMPLER for the stock SamplerCustomAdvanced with RandomNoise and CFGGuider "
              "(needs ComfyUI from 2024-04 on)." + NOTE_COMMON),
     *NETWORK_WORKFLOWS,
+    *SELF_GUIDANCE_WORKFLOWS,
 ]
 
 
@@ -233,6 +284,8 @@ def scaffold(wf: Workflow) -> list[Node]:
             "latent_image": link(4, "LATENT"), "vae": link(1, "VAE"), "guidance": guidance, "seed": 0,
             "steps": PAPER["steps"], "cfg": wf.cfg, "scheduler": PAPER["scheduler"], "denoise": 1.0,
             **knobs_of(wf)}, size=(360, 560)))
+        nodes.append(Node(8, "PreviewImage", (C3, 620), {"images": link(5, 1)}, title="Run report",
+                          size=(360, 300)))
         return nodes
     nodes += [
         Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(1, "VAE"), "guidance": guidance,
@@ -256,6 +309,10 @@ def scaffold(wf: Workflow) -> list[Node]:
         ]
     else:
         raise ValueError(f"unknown sampler scaffold {wf.sampler!r}")
+    nodes += [Node(24, "UniversalGuidanceRunReport", (C4, 620), {"sampler": link(20, "SAMPLER"),
+                                                                   "latent": link(5, 0)}, size=(300, 60)),
+              Node(25, "PreviewImage", (C4, 720), {"images": link(24, "IMAGE")}, title="Run report",
+                   size=(420, 300))]
     return nodes
 
 
@@ -288,6 +345,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from headless.host import Host, default_comfyui_path
     from headless.nodeinfo import object_info
+    import inputs
+    if not args.check:
+        for path in inputs.write():
+            print(f"wrote {os.path.relpath(path, HERE)}")
     Host(args.comfyui or default_comfyui_path(), tempfile.mkdtemp(prefix="ug-build-"))
     info = object_info()
     status = 0

@@ -1,0 +1,296 @@
+"""Self-guidance (Epstein et al. 2023): losses on the diffusion model's own cross-attention maps and activations.
+
+An *internal* guidance term reads what the denoiser computed on the way to x̂0 — no decoder, no extra network.
+The denoiser, called with a ``CaptureRequest``, returns ``(x̂0, Internals)`` from the same forward pass:
+
+* ``Internals.maps[layer]``: ``[B, H, W, T]`` cross-attention probabilities of the conditional branch (softmax over
+  all T context tokens, mean over heads, fp32, differentiable), every layer resized to one resolution;
+* ``Internals.feats``: ``[B, C, h, w]`` activations Ψ of one chosen block (for appearance).
+
+Properties of a token's map ``A`` (``[B, H, W]``; positions in [0, 1]², x to the right, y down):
+
+* ``centroid(A)``: the A-weighted mean position (of the min-max normalised map by default: a softmax over few
+  tokens leaves a floor everywhere that pulls the raw centroid towards the centre);
+* ``size(A)``: the mean of the soft-thresholded map (the fraction of the image the token covers);
+* ``shape(A)``: the soft-thresholded map itself;
+* ``appearance(A, Ψ)``: Ψ averaged under the token's hard mask (thresholded at 0.5, *detached*, resized to Ψ).
+
+The soft threshold is the paper's: min-max normalise, ``sigmoid(sharpness·(Â − 0.5))``, min-max normalise again.
+
+Edits are L1 losses of a property against a target, ``[B]`` in fp32, averaged over the tokens and the layers. The
+target is absolute (a position, a size), or a property of a *reference*: ``"original"`` — the unguided run from
+the same noise, captured step by step (the paper's "keep everything else") — or a reference latent, noised to
+each step's σ with fixed noise (appearance transfer, real-image layout). The sampler computes the references; a
+term only says which one it needs (``reference``).
+
+With the sampler in ``paper`` mode a term's weight is the paper's v: ``D' = D − v·σ²·∇ₓ g`` is its
+``ε̃ = ε + v·σ_t·∇_{z_t} g`` (see ``Settings``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ORIGINAL = "original"
+ABSOLUTE = "absolute"
+SHARPNESS = 10.0  # the paper's soft-threshold slope
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """What the denoiser must record: the named attention layers (``None`` = every layer) and Ψ or not."""
+
+    layers: Optional[frozenset] = None
+    features: bool = False
+
+    def __or__(self, other: "CaptureRequest") -> "CaptureRequest":
+        layers = None if self.layers is None or other.layers is None else self.layers | other.layers
+        return CaptureRequest(layers, self.features or other.features)
+
+
+@dataclass
+class Internals:
+    """What one denoiser call captured: ``maps[layer]`` ``[B, H, W, T]`` and ``feats`` ``[B, C, h, w]``."""
+
+    maps: dict = field(default_factory=dict)
+    feats: Optional[torch.Tensor] = None
+
+    def token_maps(self, tokens: Sequence[int], layers: Optional[Sequence[str]] = None) -> list:
+        """``[B, H, W, K]`` maps of the ``tokens`` for each requested layer present (all when ``layers`` is None)."""
+        names = list(self.maps) if layers is None else [n for n in layers if n in self.maps]
+        if not names:
+            raise ValueError(f"no attention maps captured for the layers {list(layers or [])}; captured: "
+                             f"{sorted(self.maps)}")
+        out = []
+        for name in names:
+            m = self.maps[name]
+            if max(tokens) >= m.shape[-1]:
+                raise ValueError(f"token position {max(tokens)} is outside the context of {m.shape[-1]} tokens")
+            out.append(m[..., list(tokens)].float())
+        return out
+
+    def detach(self) -> "Internals":
+        return Internals({k: v.detach() for k, v in self.maps.items()},
+                         None if self.feats is None else self.feats.detach())
+
+
+# ----------------------------------------------------------------------------------------------- properties
+
+def _grid(h: int, w: int, device) -> tuple:
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    return xs, ys
+
+
+def normalize(a: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map of ``[B, H, W, K]`` over H, W to [0, 1]."""
+    lo = a.amin(dim=(1, 2), keepdim=True)
+    hi = a.amax(dim=(1, 2), keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def soft_threshold(a: torch.Tensor, sharpness: float = SHARPNESS) -> torch.Tensor:
+    """The paper's threshold: normalise, ``sigmoid(sharpness·(Â − 0.5))``, normalise again (``[B, H, W, K]``)."""
+    return normalize(torch.sigmoid(sharpness * (normalize(a) - 0.5)))
+
+
+def centroid(a: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """``[B, K, 2]``: the (x, y) ∈ [0, 1]² mean position weighted by the map (min-max normalised by default)."""
+    w = normalize(a) if normalized else a
+    xs, ys = _grid(a.shape[1], a.shape[2], a.device)
+    total = w.sum(dim=(1, 2)).clamp_min(1e-8)                       # [B, K]
+    cx = (w * xs.view(1, 1, -1, 1)).sum(dim=(1, 2)) / total
+    cy = (w * ys.view(1, -1, 1, 1)).sum(dim=(1, 2)) / total
+    return torch.stack([cx, cy], dim=-1)
+
+
+def size(a: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: mean of the soft-thresholded map, the fraction of the image the token covers."""
+    return soft_threshold(a).mean(dim=(1, 2))
+
+
+def shape(a: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, K]``: the soft-thresholded map."""
+    return soft_threshold(a)
+
+
+def hard_mask(a: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, K]`` 0/1 mask (soft threshold > 0.5), detached: it selects, it is not optimised."""
+    return (soft_threshold(a.detach()) > 0.5).float()
+
+
+def appearance(a: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """``[B, K, C]``: Ψ averaged under each token's hard mask (resized to Ψ's resolution)."""
+    mask = hard_mask(a).permute(0, 3, 1, 2)                         # [B, K, H, W]
+    if mask.shape[-2:] != feats.shape[-2:]:
+        mask = F.interpolate(mask, size=feats.shape[-2:], mode="nearest")
+    feats = feats.float()
+    num = torch.einsum("bkhw,bchw->bkc", mask, feats)
+    return num / mask.sum(dim=(2, 3)).clamp_min(1.0).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+class InternalLoss:
+    """Base of the self-guidance terms: which tokens and layers, which reference, what to capture.
+
+    ``tokens``: positions in the conditioning's context (all sub-tokens of every occurrence of the word);
+    ``layers``: names of the captured attention layers to use (``None``: every captured one).
+    """
+
+    term_kind = "internal"
+    needs_features = False
+
+    # Set by the host adapter: ``layer_rule`` names a choice of layers it resolves for the model at run time (the
+    # engine reads only ``layers``); ``context_length`` is the number of context tokens the positions refer to.
+    layer_rule = None
+    context_length = None
+
+    def __init__(self, tokens: Sequence[int], layers: Optional[Sequence[str]] = None,
+                 reference=ABSOLUTE, label: str = ""):
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("no token positions given")
+        self.tokens, self.layers = tokens, None if layers is None else list(layers)
+        if not (isinstance(reference, torch.Tensor) or reference in (ABSOLUTE, ORIGINAL)):
+            raise ValueError(f"reference must be 'absolute', 'original' or a latent tensor, got {reference!r}")
+        self.reference = reference
+        self.label = label
+
+    def bound(self, layers=None, reference=None) -> "InternalLoss":
+        """A copy using ``layers`` (names) and/or ``reference`` (e.g. the latent moved into the sampler's space)."""
+        import copy
+        out = copy.copy(self)
+        if layers is not None:
+            out.layers = list(layers)
+        if reference is not None:
+            out.reference = reference
+        return out
+
+    @property
+    def request(self) -> CaptureRequest:
+        return CaptureRequest(None if self.layers is None else frozenset(self.layers), self.needs_features)
+
+    def _maps(self, internals: Internals) -> list:
+        return internals.token_maps(self.tokens, self.layers)
+
+    def _reference(self, reference: Optional[Internals]) -> Internals:
+        if reference is None:
+            raise ValueError(f"{type(self).__name__} needs its reference ({self.reference_name}) and got none")
+        return reference
+
+    @property
+    def reference_name(self) -> str:
+        return "a reference latent" if isinstance(self.reference, torch.Tensor) else str(self.reference)
+
+    def per_layer(self, values: list) -> torch.Tensor:
+        return torch.stack(values, dim=0).mean(dim=0).float()
+
+    def __call__(self, internals: Internals, reference: Optional[Internals] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MoveLoss(InternalLoss):
+    """Move the token's centroid to ``target`` (x, y) ∈ [0, 1]², or by ``shift`` (dx, dy) from the reference's
+    centroid (``reference='original'``: where the unguided run puts it). L1, mean over x and y."""
+
+    def __init__(self, tokens, layers=None, *, target=None, shift=None, reference=ABSOLUTE, label=""):
+        if (target is None) == (shift is None):
+            raise ValueError("give exactly one of target (x, y) or shift (dx, dy)")
+        if shift is not None and reference == ABSOLUTE:
+            raise ValueError("a move by (dx, dy) is relative to a reference: use reference='original' or a latent")
+        super().__init__(tokens, layers, reference if shift is not None else ABSOLUTE, label)
+        self.target = None if target is None else torch.tensor([float(target[0]), float(target[1])])
+        self.shift = None if shift is None else torch.tensor([float(shift[0]), float(shift[1])])
+
+    def __call__(self, internals, reference=None):
+        maps = self._maps(internals)
+        refs = self._maps(self._reference(reference)) if self.shift is not None else [None] * len(maps)
+        losses = []
+        for a, r in zip(maps, refs):
+            c = centroid(a)                                                  # [B, K, 2]
+            goal = (centroid(r.detach()) + self.shift.to(c.device)) if r is not None \
+                else self.target.to(c.device).expand_as(c)
+            losses.append((c - goal).abs().mean(dim=(1, 2)))
+        return self.per_layer(losses)
+
+
+class ResizeLoss(InternalLoss):
+    """Scale the token's size by ``factor`` relative to the reference (``'original'`` by default), or reach an
+    absolute ``target`` size (fraction of the image). L1 of the soft size."""
+
+    def __init__(self, tokens, layers=None, *, factor=None, target=None, reference=ORIGINAL, label=""):
+        if (factor is None) == (target is None):
+            raise ValueError("give exactly one of factor or target")
+        if factor is not None and not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        super().__init__(tokens, layers, reference if factor is not None else ABSOLUTE, label)
+        self.factor, self.target = factor, target
+
+    def __call__(self, internals, reference=None):
+        maps = self._maps(internals)
+        refs = self._maps(self._reference(reference)) if self.factor is not None else [None] * len(maps)
+        losses = []
+        for a, r in zip(maps, refs):
+            s = size(a)                                                      # [B, K]
+            goal = size(r.detach()) * self.factor if r is not None else torch.full_like(s, float(self.target))
+            losses.append((s - goal).abs().mean(dim=1))
+        return self.per_layer(losses)
+
+
+class KeepShapeLoss(InternalLoss):
+    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels and tokens."""
+
+    def __init__(self, tokens, layers=None, *, reference=ORIGINAL, label=""):
+        if reference == ABSOLUTE:
+            raise ValueError("keeping a shape needs a reference: 'original' or a latent")
+        super().__init__(tokens, layers, reference, label)
+
+    def __call__(self, internals, reference=None):
+        maps, refs = self._maps(internals), self._maps(self._reference(reference))
+        return self.per_layer([(shape(a) - shape(r.detach())).abs().mean(dim=(1, 2, 3))
+                               for a, r in zip(maps, refs)])
+
+
+class AppearanceLoss(InternalLoss):
+    """Keep (``reference='original'``) or take (a reference latent) the token's appearance: L1 between Ψ averaged
+    under the token's mask here and in the reference. ``reference_tokens``: the token positions in the reference's
+    own prompt (default: the same positions)."""
+
+    needs_features = True
+
+    def __init__(self, tokens, layers=None, *, reference=ORIGINAL, reference_tokens=None, label=""):
+        if reference == ABSOLUTE:
+            raise ValueError("an appearance edit needs a reference: 'original' or a latent")
+        super().__init__(tokens, layers, reference, label)
+        self.reference_tokens = list(reference_tokens) if reference_tokens else self.tokens
+
+    def __call__(self, internals, reference=None):
+        ref = self._reference(reference)
+        if internals.feats is None or ref.feats is None:
+            raise ValueError("appearance needs the captured activations (feats)")
+        maps = self._maps(internals)
+        refs = ref.token_maps(self.reference_tokens, self.layers)
+        # One mask per layer; the appearance vectors are compared token by token (averaged over tokens if the
+        # reference names a different number of them).
+        losses = []
+        for a, r in zip(maps, refs):
+            app = appearance(a, internals.feats).mean(dim=1)                 # [B, C]
+            app_ref = appearance(r, ref.feats.detach()).mean(dim=1)
+            losses.append((app - app_ref.detach()).abs().mean(dim=1))
+        return self.per_layer(losses)
+
+
+# ------------------------------------------------------------------------------------------ maps to pictures
+
+def heat_map(internals: Internals, tokens: Sequence[int], layers: Optional[Sequence[str]] = None,
+             size_hw: Optional[tuple] = None) -> torch.Tensor:
+    """``[B, H, W]`` in [0, 1]: the tokens' maps averaged over layers and tokens, min-max normalised, resized."""
+    maps = [normalize(m).mean(dim=-1) for m in internals.token_maps(tokens, layers)]
+    heat = torch.stack(maps).mean(dim=0)
+    if size_hw is not None and tuple(heat.shape[-2:]) != tuple(size_hw):
+        heat = F.interpolate(heat[:, None], size=size_hw, mode="bilinear", align_corners=False)[:, 0]
+    return normalize(heat[..., None])[..., 0]

@@ -1,0 +1,269 @@
+"""Self-guidance nodes (Epstein et al. 2023): edits read from the diffusion model's own cross-attention.
+
+Each edit node adds an *internal* term to the incoming UG_GUIDANCE, so self-guidance chains with the image terms
+(CLIP, segmentation, …) into one sampler. The term's weight is the paper's v: with the sampler in ``paper`` mode
+the update is x̂0 ← x̂0 − v·σ²·∇ₓ g, the paper's ε̃ = ε + v·σ_t·∇_{z_t} g. The default weights are the values a
+public SDXL reimplementation lists as the paper's (centroid 4, size 0.7, shape 6–15, appearance 12); they are
+starting points, not tuned here. Raw attention gradients are small: ``normalized`` mode with
+forward_strength 0.1–0.3 behaves the same whatever the weights' scale.
+
+``UG Attention Map`` shows where words attend, as a heat map, to pick words, layers and targets.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..guidance import selfguidance as sg
+from . import attention_capture as ac
+from .comfy_bridge import GuidanceInputError
+from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
+from .tokens import split_words, token_positions
+
+CATEGORY = "sampling/universal guidance/self-guidance"
+
+
+def _window(default_end: float = 0.6) -> dict:
+    inputs = term_inputs(1.0, "")
+    inputs["end_percent"][1]["default"] = default_end
+    return {k: v for k, v in inputs.items() if k != "weight"}
+
+
+def sg_inputs(weight: float, weight_tip: str) -> dict:
+    """clip, prompt, words, layers, weight and the window (ending at 60 % of the steps by default: an object's
+    layout is set early, and later steps refine it)."""
+    return {
+        "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint: its tokenizer finds the words' token positions."}),
+        "prompt": ("STRING", {"multiline": True, "default": "",
+                              "tooltip": "The positive prompt, exactly as given to the positive CLIP Text Encode "
+                                         "(token positions are counted in it)."}),
+        "words": ("STRING", {"default": "", "tooltip": "The word(s) naming the object, e.g. 'dog' or 'red ball'; "
+                                                         "several objects separated by commas. Every sub-token of "
+                                                         "every occurrence is used."}),
+        "layers": (list(ac.LAYER_RULES), {
+            "default": ac.LAYER_RULES[0],
+            "tooltip": "Cross-attention layers read: 'coarse decoder' = the decoder's lowest-resolution attention "
+                       "(SD1.5 output blocks 3-5, 16x16 at 512²; SDXL output 0-2, 32x32 at 1024²), where maps "
+                       "track objects best in our benchmark; 'mid decoder' the next level; 'all decoder'; 'all'."}),
+        "weight": ("FLOAT", {"default": weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
+                             "tooltip": weight_tip + " Weight = the paper's v (sampler in 'paper' mode: "
+                                        "x̂0 ← x̂0 − v·σ²·∇ₓloss). Negative values push the other way; 0 = off."}),
+        **_window(),
+    }
+
+
+class SelfGuidanceNode(LossNode):
+    CATEGORY = CATEGORY
+    TERM = "self_guidance"
+
+    @staticmethod
+    def common_problems(words=None, prompt=None, start_percent=None, end_percent=None) -> list:
+        problems = [window_problem(start_percent, end_percent)]
+        if isinstance(words, str) and not split_words(words):
+            problems.append("input 'words': empty; name a word of the prompt, e.g. 'dog'")
+        if isinstance(prompt, str) and not prompt.strip():
+            problems.append("input 'prompt': empty; give the positive prompt, word for word")
+        return problems
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, words=None, prompt=None, start_percent=None, end_percent=None):
+        return validation_result(cls.NAME, *cls.common_problems(words, prompt, start_percent, end_percent))
+
+    def make_term(self, loss_cls, clip, prompt, words, layers, weight, start_percent, end_percent, guidance,
+                  label, **loss_kw):
+        node = self.NAME
+        tokens, length = token_positions(clip, prompt, words, node)
+        try:
+            loss = loss_cls(tokens, label=label, **loss_kw)
+        except ValueError as e:
+            raise GuidanceInputError(f"{node}: {e}") from None
+        loss.layer_rule, loss.context_length = layers, length
+        return add_term(node, guidance, f"{self.TERM}:{label}", loss, weight, start_percent, end_percent)
+
+
+class UniversalGuidanceSGMove(SelfGuidanceNode):
+    NAME = "UG Self-Guidance Move"
+    TERM = "move"
+    DESCRIPTION = ("Moves an object named by a word of the prompt: L1 between the centroid of the word's "
+                   "cross-attention map and a target position (to x, y), or the unguided run's centroid shifted "
+                   "by (dx, dy).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            **sg_inputs(4.0, "Multiplies the loss |centroid − target| (mean over x, y; positions in [0, 1])."),
+            "mode": (["to (x, y)", "by (dx, dy)"], {
+                "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the unguided "
+                           "run from the same noise puts it (costs one extra model pass per guided step)."}),
+            "x": ("FLOAT", {"default": 0.25, "min": -1.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Target x ('to': 0 = left edge, 1 = right edge) or dx ('by': fraction of "
+                                       "the width, + = right)."}),
+            "y": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Target y ('to': 0 = top, 1 = bottom) or dy ('by': fraction of the "
+                                       "height, + = down)."})},
+            "optional": dict(CHAIN_INPUT)}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, words=None, prompt=None, start_percent=None, end_percent=None, mode=None, x=None,
+                        y=None):
+        problems = cls.common_problems(words, prompt, start_percent, end_percent)
+        if mode == "to (x, y)" and None not in (x, y) and not (0 <= x <= 1 and 0 <= y <= 1):
+            problems.append(f"inputs 'x'/'y': a target position must lie in [0, 1] (got {x:g}, {y:g})")
+        return validation_result(cls.NAME, *problems)
+
+    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, mode, x, y, guidance=None):
+        if mode.startswith("to"):
+            kw = {"target": (x, y)}
+        else:
+            kw = {"shift": (x, y), "reference": sg.ORIGINAL}
+        return self.make_term(sg.MoveLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
+                              guidance, words, **kw)
+
+
+class UniversalGuidanceSGResize(SelfGuidanceNode):
+    NAME = "UG Self-Guidance Resize"
+    TERM = "resize"
+    DESCRIPTION = ("Resizes an object named by a word of the prompt: L1 between the size of the word's "
+                   "thresholded attention map and factor × its size in the unguided run from the same noise.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            **sg_inputs(0.7, "Multiplies the loss |size − factor·size_unguided| (size = fraction of the image)."),
+            "factor": ("FLOAT", {"default": 1.5, "min": 0.05, "max": 20.0, "step": 0.05,
+                                 "tooltip": "Target size (area) relative to the unguided run: 2 = twice the area, "
+                                            "0.5 = half. Costs one extra model pass per guided step."})},
+            "optional": dict(CHAIN_INPUT)}
+
+    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, factor, guidance=None):
+        return self.make_term(sg.ResizeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
+                              guidance, words, factor=factor)
+
+
+REFERENCE_INPUT = {"reference": ("LATENT", {
+    "tooltip": "Optional reference (e.g. VAE Encode of a real image): its layout/appearance, noised to each "
+               "step's noise level, replaces the unguided run's. Resized to the generated size."})}
+
+
+def _reference(reference):
+    if reference is None:
+        return sg.ORIGINAL
+    return reference["samples"]
+
+
+class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
+    NAME = "UG Self-Guidance Keep Layout"
+    TERM = "keep_layout"
+    DESCRIPTION = ("Keeps the shape and place of the named objects as in the unguided run from the same noise (or "
+                   "in a reference latent): L1 between their thresholded attention maps.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": sg_inputs(10.0, "Multiplies the loss mean|shape − shape_reference| over pixels."),
+                "optional": {**REFERENCE_INPUT, **CHAIN_INPUT}}
+
+    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, reference=None,
+              guidance=None):
+        return self.make_term(sg.KeepShapeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
+                              guidance, words, reference=_reference(reference))
+
+
+class UniversalGuidanceSGKeepAppearance(SelfGuidanceNode):
+    NAME = "UG Self-Guidance Keep Appearance"
+    TERM = "keep_appearance"
+    DESCRIPTION = ("Keeps how the named objects look as in the unguided run from the same noise: L1 between the "
+                   "UNet's decoder activations averaged under each object's attention mask.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_unguided| over "
+                                            "feature channels."),
+                "optional": dict(CHAIN_INPUT)}
+
+    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, guidance=None):
+        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
+                              guidance, words, reference=sg.ORIGINAL)
+
+
+class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
+    NAME = "UG Self-Guidance Appearance Transfer"
+    TERM = "appearance_transfer"
+    DESCRIPTION = ("Gives the named object the appearance it has in a reference latent (e.g. an encoded photo): "
+                   "L1 between decoder activations averaged under the object's attention mask, here and in the "
+                   "reference noised to each step's noise level.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_reference|."),
+                             "reference": REFERENCE_INPUT["reference"]},
+                "optional": dict(CHAIN_INPUT)}
+
+    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, reference, guidance=None):
+        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
+                              guidance, words, reference=reference["samples"])
+
+
+# --------------------------------------------------------------------------------------------- attention map
+
+_HEAT = torch.tensor([[0.0, 0.0, 0.05], [0.35, 0.05, 0.5], [0.85, 0.25, 0.3], [1.0, 0.65, 0.1], [1.0, 1.0, 0.75]])
+
+
+def colorize(heat: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` in [0, 1] → ``[B, H, W, 3]`` RGB (dark → purple → orange → light yellow)."""
+    x = heat.clamp(0, 1) * (len(_HEAT) - 1)
+    lo = x.floor().long().clamp(max=len(_HEAT) - 2)
+    t = (x - lo.float()).unsqueeze(-1)
+    return _HEAT[lo] * (1 - t) + _HEAT[lo + 1] * t
+
+
+class UniversalGuidanceAttentionMap:
+    NAME = "UG Attention Map"
+    DESCRIPTION = ("Shows where words of the prompt attend in the model's cross-attention, as a heat map over the "
+                   "image: one model pass on the latent noised to the chosen noise level. Use it to check what a "
+                   "word covers before moving or resizing it, and to pick layers.")
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("heat_map", "mask")
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        base = sg_inputs(0.0, "")
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL)."}),
+                "clip": base["clip"], "prompt": base["prompt"], "words": base["words"], "layers": base["layers"],
+                "latent": ("LATENT", {"tooltip": "The image to look at, as a latent (e.g. a sampler's output, or "
+                                                 "VAE Encode of a photo); an empty latent shows the layout the "
+                                                 "model starts from."}),
+                "noise_level": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Where in the schedule to look: 0 = the first (noisiest) step, "
+                                                     "1 = clean. Layout is decided early (0.2-0.6)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                 "tooltip": "Seed of the noise added to the latent."}),
+            },
+            "optional": {"image": ("IMAGE", {"tooltip": "Optional picture to draw the heat map over (e.g. the "
+                                                        "decoded latent); resized to the heat map."})},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, words=None, prompt=None):
+        return validation_result(cls.NAME, *SelfGuidanceNode.common_problems(words, prompt))
+
+    def render(self, model, clip, prompt, words, layers, latent, noise_level, seed, image=None):
+        from .self_guidance_map import attention_heat
+        heat = attention_heat(self.NAME, model, clip, prompt, words, layers, latent, noise_level, seed)
+        picture = colorize(heat)
+        if image is not None:
+            under = image[..., :3].float()
+            if under.shape[1:3] != picture.shape[1:3]:
+                under = torch.nn.functional.interpolate(under.permute(0, 3, 1, 2), size=picture.shape[1:3],
+                                                        mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+            if under.shape[0] != picture.shape[0]:
+                under = under[:1].expand(picture.shape[0], -1, -1, -1)
+            picture = 0.45 * under + 0.55 * picture
+        return (picture.clamp(0, 1), heat)
+
+
+SELF_GUIDANCE_NODES = (UniversalGuidanceSGMove, UniversalGuidanceSGResize, UniversalGuidanceSGKeepLayout,
+                       UniversalGuidanceSGKeepAppearance, UniversalGuidanceSGAppearanceTransfer,
+                       UniversalGuidanceAttentionMap)
