@@ -261,6 +261,9 @@ class CLIPTextLoss:
     "×100 similarity" scale.
     """
 
+    spatial = False  # its target does not live on the image grid: every augmentation applies
+    floor = -1.0     # −cos ≥ −1 (f* of the classical Polyak step)
+
     def __init__(self, model: torch.nn.Module, text: Union[str, Sequence[str]], *, tokenizer=None,
                  cutouts: int = 0, cutout_min_fraction: float = 0.5, seed: int = 0, resize_mode: str = "shortest"):
         texts = [text] if isinstance(text, str) else list(text)

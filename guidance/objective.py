@@ -73,9 +73,39 @@ class GuidanceTerm:
     weight: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
+    augment: int = 0  # image terms: random augmentations of the decoded image per evaluation (0: none)
+    seed: int = 0     # of the augmentations
 
     def __post_init__(self):
         check_window(self.start_percent, self.end_percent, f"guidance term {self.name!r}")
+        if self.augment < 0:
+            raise ValueError(f"guidance term {self.name!r}: augment must be 0 or more, got {self.augment}")
+        augmenter = None
+        if self.augment > 0:
+            from .augment import Augmenter
+            augmenter = Augmenter(self.augment, spatial=getattr(self.loss, "spatial", True), seed=self.seed)
+        object.__setattr__(self, "augmenter", augmenter)
+
+    @property
+    def floor(self) -> float:
+        """The smallest value the weighted loss can take (f* of the classical Polyak step): ``weight·floor`` of
+        the loss (0 unless the loss says otherwise, e.g. −1 for a −cosine); −inf for a negative weight."""
+        if self.weight < 0:
+            return float("-inf")
+        return self.weight * float(getattr(self.loss, "floor", 0.0))
+
+    def image_value(self, image: torch.Tensor, smoothing=None, noise_std: float = 0.0, generator=None):
+        """The loss ``[B]`` of an image term: on ``augment`` augmented copies and ``K`` smoothed copies of the
+        decoded image, batched into one call of the loss, then averaged (or log-mean-exp'ed) back."""
+        from .augment import reduce, smooth
+        batch, views, reduction = image, 1, "mean"
+        if self.augmenter is not None:
+            batch, views = self.augmenter(image), self.augment
+        if smoothing is not None and smoothing.active and noise_std > 0:
+            batch = smooth(batch, smoothing, smoothing.strength * noise_std, generator)
+            views, reduction = views * smoothing.samples, smoothing.reduction
+        value = self.loss(batch)
+        return value if views == 1 else reduce(value, views, reduction)
 
     @property
     def kind(self) -> str:
@@ -120,6 +150,12 @@ class Guidance:
     def has(self, kind: str) -> bool:
         return any(t.kind == kind for t in self.terms)
 
+    def floor(self, progress: float) -> float:
+        """f* of the active terms: Σ weight·floor (0 where unknown; a negative weight makes it −inf, so use 0 —
+        the Polyak step then treats the current loss as the gap, clamped at 0)."""
+        value = sum(t.floor for t in self.active_terms(progress))
+        return value if value > float("-inf") else 0.0
+
     def capture_request(self, progress: float):
         """The union of what the active internal terms need captured, or None when none is active."""
         request = None
@@ -135,12 +171,14 @@ class Guidance:
 
     def __call__(self, image: Optional[torch.Tensor], progress: float, *, internals=None,
                  references: Optional[dict] = None, kinds: Sequence[str] = KINDS,
-                 record: Optional[dict] = None) -> torch.Tensor:
+                 record: Optional[dict] = None, smoothing=None, noise_std: float = 0.0,
+                 generator=None) -> torch.Tensor:
         """Per-sample weighted loss of the terms of ``kinds`` active at ``progress``; shape ``[B]``, float32.
 
         ``image``: the decoded clean prediction (needed when an image term is active); ``internals``: the
         denoiser's capture (needed when an internal term is active); ``references``: ``{reference key:
-        Internals}``. ``record``, when given, receives each term's unweighted loss (mean over the batch)."""
+        Internals}``. ``record``, when given, receives each term's unweighted loss (mean over the batch).
+        ``smoothing`` / ``noise_std`` / ``generator``: Gaussian smoothing of the image terms (``augment``)."""
         total = None
         for term in self.active_terms(progress, kinds):
             if term.kind == "internal":
@@ -149,7 +187,7 @@ class Guidance:
                                      f"captured for this evaluation")
                 value = term.loss(internals, (references or {}).get(term.reference_key))
             else:
-                value = term.loss(image)
+                value = term.image_value(image, smoothing, noise_std, generator)
             batch = image.shape[0] if image is not None else value.shape[0]
             if value.dim() != 1 or value.shape[0] != batch:
                 raise ValueError(
@@ -184,8 +222,10 @@ class Guidance:
                 prepare(device, dtype)
 
     def reset(self) -> None:
-        """Clear per-run state of the terms (counters) before a new run."""
+        """Clear per-run state of the terms (counters, augmentation draws) before a new run."""
         for term in self.terms:
             reset = getattr(term.loss, "reset", None)
             if callable(reset):
                 reset()
+            if term.augmenter is not None:
+                term.augmenter.reset()

@@ -26,14 +26,15 @@ from typing import Callable, Optional
 
 import torch
 
+from .augment import Smoothing, noise_fraction
 from .objective import check_window, window_contains
 from .parameterization import A_MIN, Parameterization
 
 log = logging.getLogger("universal_guidance")
 
-STRENGTH_MODES = ("paper", "normalized")
+STRENGTH_MODES = ("paper", "normalized", "polyak", "polyak_loss")
 SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "polyak")
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,27 @@ class Settings:
 
     forward_strength (s0): ``"paper"`` mode: ``D' = D - s0·(b²/a)·∇ₓ loss`` — for SD1.x/XL (VE) this is
         ``s0·σ²·∇``, the same number as the official code's ``s(t) = s0·sqrt(1-ᾱ_t)`` on ``ε``.
-        ``"normalized"`` mode (Polyak-style, Shen et al. 2024): the shift of the predicted noise has norm
-        ``s0·‖ε̂‖`` per image (so s0 = 0.1 means "move ε by 10 % of its norm"), whatever the loss scale.
+        ``"normalized"`` mode: the shift of the predicted noise has norm ``s0·‖ε̂‖`` per image (so s0 = 0.1
+        means "move ε by 10 % of its norm"), whatever the loss scale.
+        ``"polyak"`` (Shen et al. 2024, Alg. 2, as their code): the noise moves by ``ρ·∇`` with
+        ``ρ = s0·‖ε̂‖/‖∇‖²`` (ρ = 0 where ‖∇‖ < 1e-6): a step of length ``s0·‖ε̂‖/‖∇‖``, longer where the gradient
+        is flat. ``"polyak_loss"`` (the classical Polyak step, f* = the terms' floor): ``x̂0`` moves by
+        ``s0·(L − f*)/‖∇‖²·∇`` — with s0 = 1 it lands on the minimizer of a loss linear in x̂0.
     schedule: multiplies s0 over the guidance window: ``constant``, ``linear`` (1 → 0), ``cosine`` (1 → 0).
     recurrence (k): each guided step is run k times, re-noising in between (k = 1: no recurrence).
     backward_steps (m): inner optimization steps on ``Δx̂0`` (0 disables backward guidance).
     backward_lr: learning rate of those steps, in latent units per step.
-    backward_optimizer: ``adam`` or ``sgd``.
+    backward_optimizer: ``adam``, ``sgd``, or ``polyak`` (``Δ ← Δ − lr·(L − f*)/‖∇‖²·∇``).
     backward_early_stop: a sample stops its inner loop once its loss is below this value (0: never).
     start_percent / end_percent: guide the steps whose index / total lies in [start, end).
     jacobian: True back-propagates through the denoiser (paper). False takes the gradient w.r.t. ``x̂0`` only
         (MPGD-style; about half the cost), using the same strength unit.
+    smoothing (σ̄), smoothing_samples (K), smoothing_reduction: TFG's implicit dynamics — every image term is
+        evaluated on K copies of the decoded image plus Gaussian noise of std σ̄·sqrt(1 − ᾱ(σ)) (image units,
+        [0, 1]) and the K losses are averaged (``mean``) or log-mean-exp'ed (``logmeanexp``, TFG). One decode.
+    max_step: bound of a forward-guidance update: the predicted noise moves by at most ``max_step·‖ε̂‖`` per
+        image (capped updates are counted in the run's summary), so no strength pushes the latent to magnitudes
+        a half-precision decoder cannot hold. 0: no bound.
     """
 
     forward_strength: float = 1.0
@@ -66,6 +77,10 @@ class Settings:
     start_percent: float = 0.0
     end_percent: float = 1.0
     jacobian: bool = True
+    smoothing: float = 0.0
+    smoothing_samples: int = 0
+    smoothing_reduction: str = "mean"
+    max_step: float = 10.0
 
     def __post_init__(self):
         if self.strength_mode not in STRENGTH_MODES:
@@ -83,6 +98,13 @@ class Settings:
         if self.backward_steps and not self.backward_lr > 0:
             raise ValueError(f"backward_lr must be > 0 when backward_steps > 0, got {self.backward_lr}")
         check_window(self.start_percent, self.end_percent, "sampler window")
+        Smoothing(self.smoothing, self.smoothing_samples, self.smoothing_reduction)  # validates
+        if not math.isfinite(self.max_step) or self.max_step < 0:
+            raise ValueError(f"max_step must be a finite number >= 0, got {self.max_step}")
+
+    @property
+    def smoothing_spec(self) -> Smoothing:
+        return Smoothing(self.smoothing, self.smoothing_samples, self.smoothing_reduction)
 
     @property
     def guides(self) -> bool:
@@ -113,6 +135,7 @@ class Stats:
     decoder_calls: int = 0
     objective_calls: int = 0
     nonfinite_skips: int = 0
+    capped_updates: int = 0
     losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)
 
@@ -130,6 +153,16 @@ class Stats:
         if self.reference_calls:
             text += f", {self.reference_calls} reference passes"
         return text + (f" in {seconds:.1f} s" if seconds is not None else "")
+
+    def notes(self, settings: "Settings") -> list:
+        """Lines about updates the run had to change: skipped (non-finite) and capped ones."""
+        lines = []
+        if self.nonfinite_skips:
+            lines.append(f"{self.nonfinite_skips} guidance update(s) skipped for non-finite gradients")
+        if self.capped_updates:
+            lines.append(f"{self.capped_updates} guidance update(s) capped at max_step = {settings.max_step:g} × "
+                         f"‖ε‖ (lower the strength, or raise max_step)")
+        return lines
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -229,11 +262,15 @@ class _Step:
     """The guided x̂0 for one iteration: forward guidance, then backward guidance."""
 
     def __init__(self, denoise, decode, objective, settings: Settings, param: Parameterization,
-                 stats: Stats, interrupt: Callable[[], None], references: Optional[_References] = None):
+                 stats: Stats, interrupt: Callable[[], None], references: Optional[_References] = None,
+                 generator: Optional[torch.Generator] = None, loss_scale: float = 1.0):
         self.denoise, self.decode, self.objective = denoise, decode, objective
         self.s, self.param, self.stats, self.interrupt = settings, param, stats, interrupt
         self.references = references
+        self.loss_scale = float(loss_scale)
         self.where = {"step": 0, "repeat": 0, "sigma": 0.0}
+        seed = (generator.initial_seed() if generator is not None else 0) + 1
+        self.smoothing_generator = torch.Generator().manual_seed(seed % (2 ** 63))
 
     def loss(self, x0: torch.Tensor, progress: float, *, internals=None, phase: str = "forward",
              kinds=("image", "internal")) -> torch.Tensor:
@@ -247,7 +284,11 @@ class _Step:
         if internals is not None and self.references is not None:
             refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress))
         record = {}
-        value = self.objective(image, progress, internals=internals, references=refs, kinds=kinds, record=record)
+        sig = self.where["sigma"]
+        std = noise_fraction(self.param.a(sig), self.param.b(sig))
+        value = self.objective(image, progress, internals=internals, references=refs, kinds=kinds, record=record,
+                               smoothing=self.s.smoothing_spec, noise_std=std,
+                               generator=self.smoothing_generator)
         self.stats.trace.append({**self.where, "phase": phase, "terms": record,
                                  "total": float(value.detach().float().mean())})
         return value
@@ -264,15 +305,9 @@ class _Step:
         # Where a(σ) ≈ 0 (flow at σ = 1, pure noise) x̂0 carries no information about x and the strength unit
         # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
         if strength > 0 and self.param.a(sig) >= A_MIN:
-            x0, grad = self._gradient(x, sigma, progress)
+            x0, grad, loss = self._gradient(x, sigma, progress)
             grad = _zero_nonfinite(grad, self.stats, "forward-guidance gradient")
-            if s.strength_mode == "paper":
-                shift = strength * self.param.strength_unit(sig) * grad
-            else:
-                eps = self.param.noise_of(x, x0, sig) if sig > 0 else torch.zeros_like(x0)
-                scale = strength * _per_sample_norm(eps) / _per_sample_norm(grad).clamp_min(1e-12)
-                shift = self.param.eps_to_x0_scale(sig) * scale.to(grad.dtype) * grad
-            guided = x0 - shift.to(x0.dtype)
+            guided = x0 - self._shift(x, x0, grad, loss, sig, strength, progress).to(x0.dtype)
             ok = _finite_rows(guided).view(-1, *([1] * (x0.dim() - 1)))
             x0 = torch.where(ok, guided, x0)
         else:
@@ -281,8 +316,42 @@ class _Step:
             x0 = x0 + self._backward(x0, progress)
         return x0
 
+    def _grad(self, loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """∇ of the loss, scaled by ``loss_scale`` for the backward pass (fp16 models) and back, in fp32."""
+        if self.loss_scale == 1.0:
+            return _input_grad(loss, leaf)
+        return (_input_grad(loss * self.loss_scale, leaf).float() / self.loss_scale).to(leaf.dtype)
+
+    def _shift(self, x, x0, grad, loss, sig: float, strength: float, progress: float) -> torch.Tensor:
+        """The change of x̂0 for this strength mode, capped at ``max_step·‖ε̂‖`` of noise per image."""
+        s, view = self.s, (-1,) + (1,) * (x0.dim() - 1)
+        eps = self.param.noise_of(x, x0, sig) if sig > 0 else torch.zeros_like(x0)
+        eps_norm = _per_sample_norm(eps)
+        g_norm = _per_sample_norm(grad)
+        to_x0 = self.param.eps_to_x0_scale(sig)
+        if s.strength_mode == "paper":
+            shift = strength * self.param.strength_unit(sig) * grad
+        elif s.strength_mode == "normalized":
+            shift = to_x0 * (strength * eps_norm / g_norm.clamp_min(1e-12)).to(grad.dtype) * grad
+        elif s.strength_mode == "polyak":
+            rho = torch.where(g_norm < 1e-6, torch.zeros_like(g_norm), strength * eps_norm / g_norm.clamp_min(1e-6) ** 2)
+            shift = to_x0 * rho.to(grad.dtype) * grad
+        else:  # polyak_loss: the classical step with the terms' floor as f*
+            gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+            shift = (strength * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad
+            shift = torch.where(g_norm < 1e-6, torch.zeros_like(shift), shift)
+        if s.max_step > 0 and sig > 0:
+            limit = s.max_step * eps_norm * to_x0                      # ‖x̂0 change‖ of an ε-shift of max_step·‖ε‖
+            size = _per_sample_norm(shift)
+            over = size > limit
+            if bool(over.any()):
+                self.stats.capped_updates += int(over.sum())
+                shift = torch.where(over, shift * (limit / size.clamp_min(1e-30)).to(shift.dtype), shift)
+        return shift
+
     def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
-        """``(x̂0, ∇ loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or x̂0)."""
+        """``(x̂0, ∇ loss, loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or
+        x̂0)."""
         request = self.objective.capture_request(progress)
         with torch.enable_grad():
             if self.s.jacobian:
@@ -300,16 +369,16 @@ class _Step:
                 leaf = x0.requires_grad_(True)
                 loss = self.loss(leaf, progress, kinds=("image",))
             self.stats.losses.append(loss.detach().float().cpu())
-            grad = _input_grad(loss, leaf)
-        return x0.detach(), grad
+            grad = self._grad(loss, leaf)
+        return x0.detach(), grad, loss.detach()
 
     def _backward(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
         s = self.s
         delta = torch.zeros_like(x0, requires_grad=True)
         if s.backward_optimizer == "adam":
             opt = torch.optim.Adam([delta], lr=s.backward_lr)
-        else:
-            opt = torch.optim.SGD([delta], lr=s.backward_lr)
+        else:  # sgd, and polyak: SGD with lr 1 on the rescaled gradient lr·(L − f*)/‖∇‖²·∇
+            opt = torch.optim.SGD([delta], lr=s.backward_lr if s.backward_optimizer == "sgd" else 1.0)
         running = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         view = (-1,) + (1,) * (x0.dim() - 1)
         where = self.where
@@ -322,9 +391,15 @@ class _Step:
                     running = running & (loss.detach() >= s.backward_early_stop)
                     if not bool(running.any()):
                         break
-                grad = _input_grad(loss * running, delta)
+                grad = self._grad(loss * running, delta)
             before = delta.detach().clone()
-            delta.grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
+            grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
+            if s.backward_optimizer == "polyak":
+                gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+                g_norm = _per_sample_norm(grad)
+                grad = torch.where(g_norm < 1e-6, torch.zeros_like(grad),
+                                   (s.backward_lr * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad)
+            delta.grad = grad
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -357,7 +432,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                      on_iteration: Optional[Callable[[int, int], None]] = None,
                      interrupt: Optional[Callable[[], None]] = None,
                      generator: Optional[torch.Generator] = None,
-                     stats: Optional[Stats] = None) -> torch.Tensor:
+                     stats: Optional[Stats] = None,
+                     loss_scale: float = 1.0) -> torch.Tensor:
     """Sample with Universal Guidance. k-diffusion conventions: ``x`` is already scaled to ``sigmas[0]``.
 
     denoise(x, σ·ones[B]) → x̂0 (CFG applied); with ``capture=CaptureRequest`` (internal terms only) it returns
@@ -365,7 +441,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     guidance(image, progress) → loss ``[B]`` with ``guidance.active(progress)``; generator: the source of the
     re-noise of self-recurrence (CPU generator; noise is moved to ``x``'s device).
     on_iteration(done, total) counts outer iterations (steps × k where guided); interrupt() is called inside
-    every inner loop and may raise to stop the run.
+    every inner loop and may raise to stop the run. loss_scale: the loss is multiplied by it before each backward
+    pass and the gradient divided by it (against fp16 gradient underflow; the NaN/inf skip still applies).
     """
     stats = stats if stats is not None else Stats()
     interrupt = interrupt or (lambda: None)
@@ -377,7 +454,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         references = _References(denoise, guidance, parameterization, x, generator, stats)
         last_needed = max((i for i in range(n_steps) if _is_guided(i, n_steps, guidance, settings)
                            and guidance.references(i / n_steps)), default=-1)
-    step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt, references)
+    step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt, references, generator,
+                 loss_scale)
     ones = x.new_ones([x.shape[0]])
     done = 0
     for i in range(n_steps):

@@ -199,9 +199,14 @@ def _as_class_map(target: torch.Tensor) -> torch.Tensor:
     return target.long()
 
 
+REDUCTIONS = ("all", "labelled")
+
+
 class SegmentationLoss(NetworkLoss):
-    """``loss_b = mean over labelled pixels of CE(seg(x_b), target_b)``; pixels labelled ``ignore_index`` (255)
-    do not count. A sample with no labelled pixel contributes 0.
+    """``loss_b`` = the per-pixel cross-entropy ``CE(seg(x_b), target_b)`` summed over the labelled pixels and divided
+    by ``reduction``'s count: ``"all"`` pixels (the official code's ``mean(dim=[1,2])``; its targets are fully
+    labelled) or the ``"labelled"`` pixels only (1/f times stronger when a fraction f is labelled). Pixels labelled
+    ``ignore_index`` (255) add nothing. A sample with no labelled pixel contributes 0.
 
     ``model``: a torchvision segmentation network (``load_segmentation_model``), output dict with ``"out"``.
     ``target``: class map (see module doc); values must be ``< num_classes`` or ``ignore_index``.
@@ -209,7 +214,10 @@ class SegmentationLoss(NetworkLoss):
     """
 
     def __init__(self, model: torch.nn.Module, target: torch.Tensor, *, input_size: Optional[int] = 520,
-                 ignore_index: int = IGNORE_INDEX, num_classes: Optional[int] = None):
+                 ignore_index: int = IGNORE_INDEX, num_classes: Optional[int] = None, reduction: str = "all"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         target = _as_class_map(target)
         n_cls = num_classes or _num_classes(model) or len(VOC_CLASSES)
         valid = target != ignore_index
@@ -269,5 +277,8 @@ class SegmentationLoss(NetworkLoss):
         logits = self.logits(image).float()
         target = match_batch(self.target_for(image.shape[-2:], image.device), image.shape[0], "target class map")
         ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")  # [B,H,W]
-        count = (target != self.ignore_index).sum(dim=(1, 2)).clamp_min(1)
+        if self.reduction == "all":
+            count = torch.full_like(ce[:, 0, 0], float(ce.shape[1] * ce.shape[2]))
+        else:
+            count = (target != self.ignore_index).sum(dim=(1, 2)).clamp_min(1)
         return ce.sum(dim=(1, 2)) / count

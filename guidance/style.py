@@ -38,6 +38,12 @@ class StyleLoss:
     ``gram_layers``: names of modules inside ``model.visual`` (default ``default_gram_layers``). Cutout options
     as ``guidance.clip.ClipImageEncoder`` (the style targets always use the whole style image)."""
 
+    spatial = False  # a style is not tied to positions: every augmentation applies
+
+    @property
+    def floor(self) -> float:
+        return -self.embed_weight  # −cos ≥ −1; the Gram term is ≥ 0
+
     def __init__(self, model: torch.nn.Module, style_image: torch.Tensor, *, embed_weight: float = 1.0,
                  gram_weight: float = 0.0, gram_layers: Optional[Sequence[str]] = None, cutouts: int = 0,
                  cutout_min_fraction: float = 0.5, seed: int = 0, resize_mode: str = "shortest"):

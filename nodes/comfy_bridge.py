@@ -29,6 +29,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..guidance import FLOW, VE, Settings, Stats, sample_universal, total_iterations
+from . import guided_calls
 
 log = logging.getLogger("universal_guidance")
 
@@ -234,9 +235,10 @@ def _renoise_seed(seed) -> int:
 
 def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
     """The run's copy of ``guidance`` with self-guidance terms bound to this model: layer rules resolved to the
-    UNet's attention layers, reference latents moved into the sampler's latent space. ``(guidance, unet)``."""
+    UNet's attention layers, reference latents moved into the sampler's latent space. ``(guidance, unet, context
+    length)``; ``(guidance, None, None)`` without self-guidance terms."""
     if not guidance.has("internal"):
-        return guidance, None
+        return guidance, None, None
     from . import attention_capture as ac
     unet = ac.unet_of(base_model)
     if unet is None:
@@ -263,7 +265,7 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
                 reference = _reference_latent(loss.reference, base_model, x, node, term.name)
             term = dataclasses.replace(term, loss=loss.bound(names, reference))
         terms.append(term)
-    return type(guidance)(tuple(terms)), unet
+    return type(guidance)(tuple(terms)), unet, lengths.pop()
 
 
 def _reference_latent(latent: torch.Tensor, base_model, x: torch.Tensor, node: str, name: str) -> torch.Tensor:
@@ -282,7 +284,66 @@ def _reference_latent(latent: torch.Tensor, base_model, x: torch.Tensor, node: s
         return z
 
 
-def make_sampler_function(guidance, settings: Settings, vae, node: str, report=None):
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How guided calls run in ComfyUI (the engine does not see these).
+
+    guidance_vae: the VAE that decodes x̂0 for the image terms (e.g. TAESD); None: the sampler's ``vae``.
+    cfg_branch: ``combined`` (the gradient through the CFG prediction, the paper), ``cond`` or ``uncond`` (the
+        gradient through that branch only; the other runs without autograd, in its own call).
+    low_memory: recompute the UNet's and the decoder's block activations in the backward pass instead of keeping
+        them (activation checkpointing): less memory, about one more forward per guided iteration.
+    """
+
+    guidance_vae: object = None
+    cfg_branch: str = "combined"
+    low_memory: bool = False
+
+    def __post_init__(self):
+        if self.cfg_branch not in guided_calls.CFG_BRANCHES:
+            raise ValueError(f"cfg_branch must be one of {guided_calls.CFG_BRANCHES}, got {self.cfg_branch!r}")
+
+
+def check_guidance_vae(vae, base_model, node: str) -> None:
+    """The guidance VAE must decode this model's latents: same channel count and, for TAESD-type VAEs (which carry
+    their family's scale), the same latent scale."""
+    channels = getattr(base_model.latent_format, "latent_channels", 4)
+    vae_channels = getattr(vae, "latent_channels", None)
+    model_name = type(base_model.latent_format).__name__
+    vae_scale = getattr(vae.first_stage_model, "vae_scale", None)
+    problem = None
+    if vae_channels is not None and vae_channels != channels:
+        problem = f"it decodes {vae_channels}-channel latents, this model ({model_name}) makes {channels}-channel ones"
+    elif vae_scale is not None:
+        scale = float(vae_scale)
+        if abs(scale - float(base_model.latent_format.scale_factor)) > 1e-4:
+            problem = (f"it is a TAESD for latents scaled by {scale:g}, this model ({model_name}) scales them by "
+                       f"{float(base_model.latent_format.scale_factor):g}")
+    if problem:
+        raise GuidanceInputError(f"{node}: input 'guidance_vae': this VAE does not fit the model: {problem}. Load "
+                                 f"the VAE of the model's family (taesd for SD1.x/SD2.x, taesdxl for SDXL, taesd3 "
+                                 f"for SD3, taef1 for Flux)")
+
+
+def _compute_dtype(base_model):
+    dtype = getattr(base_model, "manual_cast_dtype", None)
+    if dtype is None and hasattr(base_model, "get_dtype"):
+        dtype = base_model.get_dtype()
+    return dtype
+
+
+def _with_autocast(guidance, device):
+    """The image terms' losses under autocast on CUDA (guidance networks in half precision, losses in fp32)."""
+    dtype = guided_calls.autocast_dtype(device)
+    if dtype is None:
+        return guidance
+    terms = tuple(dataclasses.replace(t, loss=guided_calls.Autocast(t.loss, device.type, dtype))
+                  if t.kind == "image" else t for t in guidance.terms)
+    return type(guidance)(terms)
+
+
+def make_sampler_function(guidance, settings: Settings, vae, node: str, report=None,
+                          options: RunOptions = RunOptions()):
     """A k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER``.
 
     ``report(stats, lines)`` is called after each run with the run's ``Stats`` and its summary lines."""
@@ -292,15 +353,18 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
         extra_args = dict(extra_args or {})
         base = model.inner_model.inner_model
         parameterization = parameterization_of(base, node)
-        run_guidance, unet = prepare_internal_terms(guidance, base, x, node)
-        load_together(base, vae if guidance.has("image") else None, x)
+        run_guidance, unet, context_length = prepare_internal_terms(guidance, base, x, node)
+        decoder_vae = options.guidance_vae or vae
+        if options.guidance_vae is not None:
+            check_guidance_vae(options.guidance_vae, base, node)
+        load_together(base, decoder_vae if guidance.has("image") else None, x)
         n_steps = len(sigmas) - 1
         total = total_iterations(n_steps, run_guidance, settings)
         pbar = comfy.utils.ProgressBar(total)
         console = _console_bar(total, disable)
         previewer = _previewer(base, x.device)
         stats = Stats()
-        weights = TrainableWeights(getattr(base, "diffusion_model", base), vae.first_stage_model)
+        weights = TrainableWeights(getattr(base, "diffusion_model", base), decoder_vae.first_stage_model)
         generator = torch.Generator().manual_seed(_renoise_seed(extra_args.get("seed")))
         latest = {}
 
@@ -329,34 +393,37 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             for attr in ("latent_image", "noise"):
                 if isinstance(getattr(model, attr, None), torch.Tensor):
                     setattr(model, attr, _normal(getattr(model, attr)))
+            guided_args = dict(extra_args)
+            guided_args["model_options"] = guided_calls.with_branch(extra_args.get("model_options", {}),
+                                                                    options.cfg_branch)
+            layers_of = _layer_lookup(unet, run_guidance)
 
             def denoise(x_in, sigma, capture=None):
+                args = guided_args if torch.is_grad_enabled() and x_in.requires_grad else extra_args
                 with saved_tensor_guard(base):
                     if capture is None:
-                        return model(x_in, sigma, **extra_args)
+                        return model(x_in, sigma, **args)
                     from .attention_capture import captured_call
-                    return captured_call(model, x_in, sigma, extra_args, unet, run_guidance_layers(capture),
-                                         context_length, capture.features)
-
-            if unet is not None:
-                from .attention_capture import attention_layers
-                all_layers = attention_layers(unet)
-                context_length = next(t.loss.context_length for t in run_guidance.terms if t.kind == "internal")
-
-                def run_guidance_layers(request):
-                    if request.layers is None:
-                        return all_layers
-                    return {n: k for n, k in all_layers.items() if n in request.layers}
+                    return captured_call(model, x_in, sigma, args, unet, layers_of(capture), context_length,
+                                         capture.features)
 
             run_guidance.reset()
             run_guidance.prepare(x.device)
+            run_guidance_ac = _with_autocast(run_guidance, x.device)
             weights.refresh()
+            memory = contextlib.nullcontext()
+            if options.low_memory:
+                memory = guided_calls.low_memory(guided_calls.checkpoint_targets(
+                    getattr(base, "diffusion_model", None), decoder_vae.first_stage_model,
+                    _host_has_inplace_residual() or _model_has_inplace_residual(base)))
+            scale = guided_calls.loss_scale_for(_compute_dtype(base), getattr(decoder_vae, "vae_dtype", None))
             try:
-                out = sample_universal(
-                    denoise, x, sigmas, guidance=run_guidance, decode=make_decoder(vae, base, node),
-                    settings=settings, parameterization=parameterization, callback=on_step,
-                    on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
-                    generator=generator, stats=stats)
+                with memory:
+                    out = sample_universal(
+                        denoise, x, sigmas, guidance=run_guidance_ac, decode=make_decoder(decoder_vae, base, node),
+                        settings=settings, parameterization=parameterization, callback=on_step,
+                        on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
+                        generator=generator, stats=stats, loss_scale=scale)
             except ValueError as e:  # settings that do not fit the terms (e.g. self-guidance without jacobian)
                 raise GuidanceInputError(f"{node}: {e}") from None
             finally:
@@ -365,8 +432,7 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                     console.close()
             lines = [stats.summary(time.perf_counter() - started)]
             lines += run_guidance.reports()
-            if stats.nonfinite_skips:
-                lines.append(f"{stats.nonfinite_skips} guidance update(s) skipped for non-finite gradients")
+            lines += stats.notes(settings)
             for line in lines:
                 log.info("Universal Guidance: %s", line)
             if report is not None:
@@ -374,6 +440,21 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             return out.detach()
 
     return sample_universal_guidance
+
+
+def _layer_lookup(unet, guidance):
+    """``layers_of(CaptureRequest) -> {name: key}`` for the run's UNet (None without self-guidance terms)."""
+    if unet is None:
+        return None
+    from .attention_capture import attention_layers
+    all_layers = attention_layers(unet)
+
+    def layers_of(request):
+        if request.layers is None:
+            return all_layers
+        return {n: k for n, k in all_layers.items() if n in request.layers}
+
+    return layers_of
 
 
 def _console_bar(total: int, disable):
@@ -399,6 +480,6 @@ def sigmas_for(model_patcher, scheduler: str, steps: int, denoise: float) -> tor
     return sigmas[-(steps + 1):].cpu()
 
 
-def ksampler(guidance, settings: Settings, vae, node: str, report=None):
+def ksampler(guidance, settings: Settings, vae, node: str, report=None, options: RunOptions = RunOptions()):
     """The ComfyUI ``SAMPLER`` object."""
-    return comfy.samplers.KSAMPLER(make_sampler_function(guidance, settings, vae, node, report))
+    return comfy.samplers.KSAMPLER(make_sampler_function(guidance, settings, vae, node, report, options))

@@ -16,7 +16,7 @@ from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
+from .guidance_nodes import AUGMENT_INPUT, CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
 
 AUTO = "auto (from file)"
 _CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
@@ -93,9 +93,12 @@ class UniversalGuidanceCLIPText(LossNode):
                 "cutouts": ("INT", {"default": 0, "min": 0, "max": 64,
                                     "tooltip": "Random crops scored and averaged (0 = the whole image only). More "
                                                "cutouts give steadier, less adversarial gradients at more cost."}),
-                **term_inputs(100.0, "Multiplies the loss (−cosine similarity, in [−1, 1])."),
+                **term_inputs(100.0, "Multiplies the loss (−cosine similarity, in [−1, 1]); 100 = CLIP's logit "
+                                     "scale, as the official code's −logits. The paper published no Stable "
+                                     "Diffusion s0 for CLIP text (its CLIP scripts use RN50); start with the "
+                                     "sampler's 'normalized' mode at 0.2."),
             },
-            "optional": dict(CHAIN_INPUT),
+            "optional": {**CHAIN_INPUT, **AUGMENT_INPUT},
         }
 
     @classmethod
@@ -104,14 +107,15 @@ class UniversalGuidanceCLIPText(LossNode):
         return validation_result(cls.NAME, "input 'text': empty; write what the image should show" if empty else None,
                                  window_problem(start_percent, end_percent))
 
-    def build(self, text, clip_model, architecture, cutouts, weight, start_percent, end_percent, guidance=None):
+    def build(self, text, clip_model, architecture, cutouts, weight, start_percent, end_percent, guidance=None,
+              augment=0):
         node = self.NAME
         model = _load_clip(node, clip_model, architecture)
         try:
             loss = G.CLIPTextLoss(model, text, cutouts=cutouts)
         except ValueError as e:
             raise _fail(node, "text", e) from None
-        return add_term(node, guidance, "clip_text", loss, weight, start_percent, end_percent)
+        return add_term(node, guidance, "clip_text", loss, weight, start_percent, end_percent, augment)
 
 
 class UniversalGuidanceStyle(LossNode):
@@ -128,21 +132,22 @@ class UniversalGuidanceStyle(LossNode):
                 "gram_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
                                           "tooltip": "Weight of the Gram-matrix loss (relative error of feature "
                                                      "correlations) next to the embedding loss (weight 1)."}),
-                **term_inputs(6.0, "Multiplies the loss (−cosine in [−1, 1], plus the Gram term). The paper "
-                                   "uses s0 = 6 with RN50."),
+                **term_inputs(600.0, "Multiplies the loss (−cosine in [−1, 1], plus the Gram term). The "
+                                     "official loss is −100·cosine with s0 = 6, which is weight 600 in this unit; "
+                                     "tuned with CLIP RN50 (RN50.pt), recurrence k = 6, CFG 3."),
             },
-            "optional": dict(CHAIN_INPUT),
+            "optional": {**CHAIN_INPUT, **AUGMENT_INPUT},
         }
 
     def build(self, style_image, clip_model, architecture, gram_weight, weight, start_percent, end_percent,
-              guidance=None):
+              guidance=None, augment=0):
         node = self.NAME
         model = _load_clip(node, clip_model, architecture)
         try:
             loss = G.StyleLoss(model, to_bchw(style_image), gram_weight=gram_weight)
         except ValueError as e:
             raise _fail(node, "style_image", e) from None
-        return add_term(node, guidance, "style", loss, weight, start_percent, end_percent)
+        return add_term(node, guidance, "style", loss, weight, start_percent, end_percent, augment)
 
 
 def _seg_archs() -> list:
@@ -174,8 +179,9 @@ class UniversalGuidanceSegmentation(LossNode):
                 "input_size": ("INT", {"default": 520, "min": 64, "max": 2048, "step": 8,
                                        "tooltip": "The decoded image's shorter side is resized to this for the "
                                                   "network (the paper: 520)."}),
-                **term_inputs(400.0, "Multiplies the loss (mean per-pixel cross-entropy). The paper uses "
-                                     "s0 = 400."),
+                **term_inputs(400.0, "Multiplies the loss (mean per-pixel cross-entropy). The paper's s0 = 400 "
+                                     "was tuned with LRASPP-MobileNetV3 (lraspp_mobilenet_v3_large) and a fully "
+                                     "labelled map, with recurrence k = 10 and CFG 1.5–2."),
             },
             "optional": {
                 "segmentation_map": ("IMAGE", {"tooltip": "Target as an image in the VOC colour palette (black = "
@@ -183,11 +189,17 @@ class UniversalGuidanceSegmentation(LossNode):
                                                           "don't care). Resized nearest-neighbour."}),
                 "mask": ("MASK", {"tooltip": "Target as a mask: 1 = class_name, 0 = outside_mask."}),
                 **CHAIN_INPUT,
+                **AUGMENT_INPUT,
+                "reduction": (["all pixels", "labelled pixels"], {
+                    "default": "all pixels",
+                    "tooltip": "The cross-entropy is summed over the labelled pixels and divided by the number of "
+                               "all pixels (the official code; its maps are fully labelled) or of the labelled "
+                               "ones only (1/f times stronger when a fraction f is labelled: use ≈400·f)."}),
             },
         }
 
     def build(self, model, architecture, class_name, outside_mask, input_size, weight, start_percent, end_percent,
-              segmentation_map=None, mask=None, guidance=None):
+              segmentation_map=None, mask=None, guidance=None, augment=0, reduction="all pixels"):
         node = self.NAME
         from ..guidance import segmentation as S
         if (segmentation_map is None) == (mask is None):
@@ -204,10 +216,10 @@ class UniversalGuidanceSegmentation(LossNode):
         arch = _file_arch(model, architecture, _seg_archs(), node)
         try:
             net = cached_network(("seg", path, arch), lambda: S.load_segmentation_model(arch, path))
-            loss = S.SegmentationLoss(net, target, input_size=input_size)
+            loss = S.SegmentationLoss(net, target, input_size=input_size, reduction=reduction.split()[0])
         except (ValueError, RuntimeError) as e:
             raise _fail(node, "model", e) from None
-        return add_term(node, guidance, "segmentation", loss, weight, start_percent, end_percent)
+        return add_term(node, guidance, "segmentation", loss, weight, start_percent, end_percent, augment)
 
 
 class UniversalGuidanceFace(LossNode):
@@ -227,12 +239,13 @@ class UniversalGuidanceFace(LossNode):
                 "crop": (["detect", "full"], {"tooltip": "detect: MTCNN finds the face in every decoded image "
                                                          "(steps without a face are skipped and counted in the "
                                                          "log); full: use the whole image (close-up portraits)."}),
-                **term_inputs(20000.0, "Multiplies the loss. The paper uses s0 = 20000 with the l1 loss."),
+                **term_inputs(20000.0, "Multiplies the loss. The paper's s0 = 20000 with the l1 loss (mean over the "
+                                       "512 dims, as here), InceptionResnetV1-VGGFace2, recurrence k = 2."),
             },
-            "optional": dict(CHAIN_INPUT),
+            "optional": {**CHAIN_INPUT, **AUGMENT_INPUT},
         }
 
-    def build(self, reference, model, loss, crop, weight, start_percent, end_percent, guidance=None):
+    def build(self, reference, model, loss, crop, weight, start_percent, end_percent, guidance=None, augment=0):
         node = self.NAME
         from ..guidance import face as F
         path = model_files.resolve("ug_face", model, node, "model")
@@ -248,7 +261,7 @@ class UniversalGuidanceFace(LossNode):
             raise _fail(node, "reference", e) from None
         except ValueError as e:
             raise _fail(node, "reference", e) from None
-        return add_term(node, guidance, "face", term, weight, start_percent, end_percent)
+        return add_term(node, guidance, "face", term, weight, start_percent, end_percent, augment)
 
 
 class UniversalGuidanceDetection(LossNode):
@@ -279,9 +292,12 @@ class UniversalGuidanceDetection(LossNode):
                 "detector_size": ("INT", {"default": 800, "min": 64, "max": 2048, "step": 32,
                                           "tooltip": "The detector resizes the image's shorter side to this "
                                                      "(torchvision default 800; smaller is faster)."}),
-                **term_inputs(100.0, "Multiplies the summed detector losses. The paper uses s0 = 100."),
+                **term_inputs(100.0, "Multiplies the summed detector losses. The paper's s0 = 100 with Faster R-CNN "
+                                     "ResNet50-FPN v2, recurrence k = 5, CFG 1.5 (the official code takes the "
+                                     "gradient through the unconditional branch; here through the CFG "
+                                     "prediction unless the sampler's cfg_branch says otherwise)."),
             },
-            "optional": dict(CHAIN_INPUT),
+            "optional": {**CHAIN_INPUT, **AUGMENT_INPUT},
         }
 
     @classmethod
@@ -297,7 +313,7 @@ class UniversalGuidanceDetection(LossNode):
         return validation_result(cls.NAME, problem, window_problem(start_percent, end_percent))
 
     def build(self, boxes, coordinates, width, height, model, box_regression, detector_size, weight,
-              start_percent, end_percent, guidance=None):
+              start_percent, end_percent, guidance=None, augment=0):
         node = self.NAME
         from ..guidance import detection as D
         try:
@@ -311,7 +327,7 @@ class UniversalGuidanceDetection(LossNode):
             loss = D.DetectionLoss(net, target, box_regression=box_regression)
         except (ValueError, RuntimeError) as e:
             raise _fail(node, "model", e) from None
-        return add_term(node, guidance, "detection", loss, weight, start_percent, end_percent)
+        return add_term(node, guidance, "detection", loss, weight, start_percent, end_percent, augment)
 
 
 NETWORK_NODES = (UniversalGuidanceCLIPText, UniversalGuidanceSegmentation, UniversalGuidanceFace,

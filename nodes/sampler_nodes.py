@@ -43,8 +43,11 @@ GUIDANCE_KNOBS = {
 ADVANCED_KNOBS = {
     "strength_mode": (list(STRENGTH_MODES), {
         "default": "paper",
-        "tooltip": "'paper': fixed strength s0 in the paper's unit. 'normalized' (Shen et al. 2024): the "
-                   "gradient is rescaled so the noise moves by s0·‖ε‖ — one setting works across losses."}),
+        "tooltip": "'paper': fixed strength s0 in the paper's unit. 'normalized': the gradient is rescaled so the "
+                   "noise moves by s0·‖ε‖ — one setting works across losses. 'polyak' (Shen et al. 2024, as "
+                   "their code): the noise moves by s0·‖ε‖/‖∇‖²·∇ (longer steps where the gradient is flat; s0 "
+                   "≈ 0.001–2). 'polyak_loss' (classical Polyak step): x̂0 moves by s0·(loss − floor)/‖∇‖²·∇ "
+                   "(s0 = 1 reaches the minimum of a locally linear loss)."}),
     "schedule": (list(SCHEDULES), {
         "default": "constant",
         "tooltip": "How the forward strength changes across the guidance window: constant, or linear / cosine "
@@ -57,7 +60,38 @@ ADVANCED_KNOBS = {
     "jacobian": ("BOOLEAN", {
         "default": True,
         "tooltip": "On: back-propagate through the diffusion model (paper). Off: gradient w.r.t. the clean "
-                   "prediction only (MPGD-style), roughly half the cost per guided step."}),
+                   "prediction only (MPGD-style), roughly half the cost per guided step. Self-guidance needs on."}),
+    "smoothing": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001,
+        "tooltip": "TFG's implicit dynamics σ̄: image terms are scored on smoothing_samples copies of the decoded "
+                   "image plus Gaussian noise of std σ̄·sqrt(1−ᾱ) (image units, [0,1]); one decode. 0 = off."}),
+    "smoothing_samples": ("INT", {
+        "default": 0, "min": 0, "max": 64,
+        "tooltip": "How many noisy copies the smoothing averages (each costs the guidance networks, not the "
+                   "decoder). 0 = off."}),
+    "smoothing_reduction": (["mean", "logmeanexp"], {
+        "default": "mean",
+        "tooltip": "How the smoothed copies' losses combine: 'mean', or TFG's log-mean-exp −log mean exp(−loss)."}),
+    "max_step": ("FLOAT", {
+        "default": 10.0, "min": 0.0, "max": 1.0e6, "step": 0.1,
+        "tooltip": "Bound of one forward-guidance update: the predicted noise moves by at most max_step·‖ε‖ per "
+                   "image, so no strength pushes the latent beyond what a half-precision VAE can decode; capped "
+                   "updates are counted in the run's summary. 0 = no bound."}),
+    "guidance_vae": ("VAE", {
+        "tooltip": "Optional cheaper VAE that decodes the clean prediction for the guidance networks only, e.g. "
+                   "Load VAE → taesd / taesdxl / taesd3 / taef1 (files in models/vae_approx): ~18× fewer FLOPs than "
+                   "the SD VAE decoder per decode, but TAESD 'fudges fine details', so detail-level losses (faces) "
+                   "see a softer image. The output latent is unchanged; decode it with the full VAE as usual."}),
+    "cfg_branch": (["combined", "cond", "uncond"], {
+        "default": "combined",
+        "tooltip": "Which CFG branch the gradient flows through: 'combined' = the CFG prediction (paper); 'cond' "
+                   "or 'uncond' = that branch only, the other branch runs without autograd in its own call (less "
+                   "backward work; the official detection script differentiates the unconditional branch)."}),
+    "low_memory": ("BOOLEAN", {
+        "default": False,
+        "tooltip": "Recompute the UNet's and the decoder's block activations during the guided backward pass "
+                   "instead of keeping them (activation checkpointing): much less memory, about one extra forward "
+                   "per guided iteration. Same gradient."}),
 }
 GUIDANCE_INPUTS = {
     "vae": ("VAE", {"tooltip": "VAE used to decode the clean prediction for the guidance networks (the one "
@@ -65,6 +99,14 @@ GUIDANCE_INPUTS = {
     "guidance": ("UG_GUIDANCE", {"tooltip": "Guidance terms, from one or more chained Universal Guidance "
                                             "loss nodes (e.g. Image Guidance)."}),
 }
+
+
+def options_from(node: str, **kw) -> comfy_bridge.RunOptions:
+    try:
+        return comfy_bridge.RunOptions(guidance_vae=kw.get("guidance_vae"), cfg_branch=kw.get("cfg_branch", "combined"),
+                                       low_memory=bool(kw.get("low_memory", False)))
+    except ValueError as e:
+        raise GuidanceInputError(f"{node}: {e}") from None
 
 
 def settings_from(node: str, **kw) -> Settings:
@@ -75,7 +117,9 @@ def settings_from(node: str, **kw) -> Settings:
             start_percent=kw["start_percent"], end_percent=kw["end_percent"],
             strength_mode=kw.get("strength_mode", "paper"), schedule=kw.get("schedule", "constant"),
             backward_optimizer=kw.get("backward_optimizer", "adam"),
-            backward_early_stop=kw.get("backward_early_stop", 0.0), jacobian=kw.get("jacobian", True))
+            backward_early_stop=kw.get("backward_early_stop", 0.0), jacobian=kw.get("jacobian", True),
+            smoothing=kw.get("smoothing", 0.0), smoothing_samples=kw.get("smoothing_samples", 0),
+            smoothing_reduction=kw.get("smoothing_reduction", "mean"), max_step=kw.get("max_step", 10.0))
     except ValueError as e:
         raise GuidanceInputError(f"{node}: {e}") from None
 
@@ -132,7 +176,8 @@ class UniversalGuidanceSampler:
         vae = check_vae(node, vae)
         settings = settings_from(node, **knobs)
         runs = run_report.RunLog()
-        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings))
+        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
+                                        options=options_from(node, **knobs))
         sampler.ug_runs = runs  # read by UG Run Report
         return (sampler,)
 
@@ -232,7 +277,8 @@ class UniversalGuidanceKSampler:
         runs = run_report.RunLog()
         if denoise <= 0:
             return (latent_image, run_report.render([], ["denoise 0: nothing was sampled"], steps=steps))
-        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings))
+        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
+                                        options=options_from(node, **knobs))
         sigmas = comfy_bridge.sigmas_for(model, scheduler, steps, denoise)
         latent = latent_image["samples"]
         if hasattr(comfy.sample, "fix_empty_latent_channels"):

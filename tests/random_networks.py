@@ -142,3 +142,37 @@ def write_code_running_archive(path: str, marker: str) -> str:
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(_MarkerOnLoad(marker)), path)
     return path
+
+
+def write_taesd(folder: str, name: str = "taesd", latent_channels: int = 4, seed: int = 0) -> tuple:
+    """Random-weight TAESD encoder and decoder (ComfyUI's own ``comfy.taesd`` modules, full size) saved as
+    ``<name>_encoder.safetensors`` / ``<name>_decoder.safetensors``, the files the stock VAELoader pairs up."""
+    import inspect
+
+    from safetensors.torch import save_file
+
+    from comfy.taesd import taesd
+    torch.manual_seed(seed)
+    kw = {"latent_channels": latent_channels} if "latent_channels" in inspect.signature(taesd.Encoder).parameters \
+        else {}
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for part, build in (("encoder", taesd.Encoder), ("decoder", taesd.Decoder)):
+        with torch.inference_mode(False):
+            net = build(**kw)  # ComfyUI's ops leave the weights uninitialised: He-initialise them here
+        g = torch.Generator().manual_seed(seed * 2 + (part == "decoder"))
+        sd = {}
+        for k, v in net.state_dict().items():
+            if v.dim() > 1:
+                fan_in = v[0].numel()
+                sd[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
+            else:
+                sd[k] = torch.zeros(v.shape)
+        if part == "decoder":  # a small output layer around mid-grey keeps the random image inside [0, 1]
+            last = list(sd)[-2:]
+            sd[last[0]] = sd[last[0]] * 0.008
+            sd[last[1]] = torch.full_like(sd[last[1]], 0.4)
+        path = os.path.join(folder, f"{name}_{part}.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+        paths.append(path)
+    return tuple(paths)

@@ -663,7 +663,7 @@ def test_backward_early_stop_is_per_sample():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(recurrence=0), r"recurrence \(k\) must be at least 1, got 0"),
     (dict(backward_steps=-1), r"backward_steps \(m\)"),
-    (dict(strength_mode="polyak"), r"strength_mode must be one of .*'polyak'"),
+    (dict(strength_mode="polyak-ish"), r"strength_mode must be one of .*'polyak-ish'"),
     (dict(schedule="exp"), r"schedule must be one of .*'exp'"),
     (dict(backward_optimizer="lbfgs"), r"backward_optimizer must be one of .*'lbfgs'"),
     (dict(forward_strength=-1.0), r"forward_strength must be a finite number >= 0"),

@@ -188,8 +188,14 @@ RESULT_ITEMS = ".litesearchbox .lite-search-item, .comfy-vue-node-search-contain
 def search_results(page, query: str, timeout_ms: int = 15000) -> list[str]:
     """Double-click the empty canvas, type ``query`` into the node search box, return the result texts."""
     box = page.locator("canvas#graph-canvas").bounding_box()
-    page.mouse.dblclick(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
-    page.locator(SEARCH_INPUT).filter(visible=True).first.wait_for(state="visible", timeout=timeout_ms)
+    for attempt in range(3):  # a busy machine can swallow a double-click while the canvas is still settling
+        page.mouse.dblclick(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+        try:
+            page.locator(SEARCH_INPUT).filter(visible=True).first.wait_for(state="visible", timeout=timeout_ms)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     time.sleep(0.3)  # the box focuses its input once it is shown
     page.keyboard.type(query, delay=20)
     items = page.locator(RESULT_ITEMS).filter(visible=True)

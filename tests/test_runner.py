@@ -38,8 +38,10 @@ def test_runs_image_workflow_and_writes_images(host, tmp_path, inputs):
                     "--set", f"1.ckpt_name={CHECKPOINT}", "--set", f"11.image={inputs}", *FAST,
                     "--set", "5.seed=42", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    images = sorted(p for p in out.rglob("*.png"))
+    images = sorted(p for p in out.rglob("*.png") if "previews" not in p.parts)
     assert [p.name for p in images] == ["image_00001_.png"], proc.stdout[-2000:]
+    reports = sorted((out / "previews").glob("*.png"))  # the KSampler's run report, previewed by the workflow
+    assert len(reports) == 1 and Image.open(reports[0]).size[0] == 720
     assert Image.open(images[0]).size == (32, 32)
     assert np.asarray(Image.open(images[0])).std() > 0
     assert "[run] node 5 (UniversalGuidanceKSampler)" in proc.stdout
@@ -99,8 +101,8 @@ def test_missing_model_file_names_file_and_folder(host, tmp_path, capsys):
                    "allowed: an integer from 1 to 10000"]),
     ("5.scheduler=\"fastest\"", ["node 5 (UniversalGuidanceKSampler) input 'scheduler': invalid value 'fastest'; "
                                  "allowed: one of [", "'normal'"]),
-    ("10.start_percent=0.9", ["node 10 (UniversalGuidanceImage) input 'start_percent'",
-                              "start_percent (0.9) must be smaller than end_percent (0.5)"]),
+    ("10.start_percent=0.9", ["node 10 (UniversalGuidanceImage): UG Image Guidance: inputs 'start_percent' and "
+                              "'end_percent': the window from 0.9 to 0.5 is empty"]),
 ])
 def test_invalid_widget_value_names_node_input_and_allowed(host, tmp_path, capsys, inputs, setting, expected):
     code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path / "out"), "--input",

@@ -130,9 +130,9 @@ NETWORK_WORKFLOWS = [
                           "models/universal_guidance/segmentation/",
                           "Target map: Load Image names segmentation_map.png — this pack ships one in "
                           "workflows/inputs/segmentation_map.png (a standing person); copy it into ComfyUI/input/ "
-                          "or load your own map. The paper uses k = 10 recurrence and CFG 1.5–2 for segmentation "
-                          "(k = 4 set here to keep the run shorter)."),
-        knobs={"recurrence": 4}, cfg=2.0),
+                          "or load your own map. The paper's setting: k = 10 recurrence, CFG 2 (1.5–2), with "
+                          "LRASPP and a fully labelled map."),
+        knobs={"recurrence": 10}, cfg=2.0),
     Workflow(
         file="face.json", title="Universal Guidance — face guidance", sampler="ksampler",
         guidance=[Node(11, "LoadImage", (C1, 530), {"image": "face_reference.png"}, title="Reference face",
@@ -163,22 +163,23 @@ NETWORK_WORKFLOWS = [
                           "('x0,y0,x1,y1,label; …' with COCO labels, pixels of the 512×512 image).",
                           "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth (torchvision) in "
                           "models/universal_guidance/detection/",
-                          "The paper uses k = 5 and CFG 1.5 for detection (k = 3 here)."),
-        knobs={"recurrence": 3}, cfg=1.5),
+                          "The paper's setting: k = 5 and CFG 1.5 (its script differentiates the unconditional "
+                          "branch; set the sampler's cfg_branch to 'uncond' for that)."),
+        knobs={"recurrence": 5}, cfg=1.5),
     Workflow(
         file="style.json", title="Universal Guidance — style guidance", sampler="ksampler",
         guidance=[Node(11, "LoadImage", (C1, 530), {"image": "style.png"}, title="Style image", size=(340, 360)),
                   Node(10, "UniversalGuidanceStyle", (C2, 530), {
                       "style_image": link(11, "IMAGE"), "clip_model": "RN50.pt", "architecture": "auto (from file)",
-                      "gram_weight": 0.0, "weight": 6.0, **WINDOW}, size=(340, 230))],
+                      "gram_weight": 0.0, "weight": 600.0, **WINDOW}, size=(340, 230))],
         guidance_out=10, guidance_title="Guidance: style image",
         note=network_note("style guidance — the image should take the style of a reference image (CLIP RN50 "
                           "embedding, as in the paper).",
                           "RN50.pt (OpenAI CLIP) in models/universal_guidance/clip/",
                           "Style image: Load Image names style.png — this pack ships one in workflows/inputs/style.png; "
-                          "copy it into ComfyUI/input/ or load your own. The paper uses s0 = 6, k = 6 and CFG 3 "
-                          "(k = 3 here)."),
-        knobs={"recurrence": 3}, cfg=3.0),
+                          "copy it into ComfyUI/input/ or load your own. The paper's setting: s0 = 6 on its −100·cos "
+                          "loss (weight 600 here, on −cos), k = 6, CFG 3."),
+        knobs={"recurrence": 6}, cfg=3.0),
     Workflow(
         file="segmentation_plus_clip.json", title="Universal Guidance — segmentation + CLIP text (chained)",
         sampler="ksampler", guidance=segmentation_chain(12) + [clip_node(10, (C2, 870), chain=12)],
