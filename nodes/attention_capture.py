@@ -46,7 +46,7 @@ def attention_layers(unet) -> dict:
     groups = [("input", list(unet.input_blocks)), ("middle", [unet.middle_block]), ("output", list(unet.output_blocks))]
     for kind, blocks in groups:
         for bid, block in enumerate(blocks):
-            for layer in block:
+            for layer in block or ():  # a UNet may have no middle block
                 if isinstance(layer, SpatialTransformer):
                     for index, tb in enumerate(layer.transformer_blocks):
                         if getattr(tb, "attn2", None) is not None:
@@ -231,7 +231,10 @@ def resolve_layer_rule(rule, unet) -> list:
         scales = layer_scales(unet)
         decoder = [n for n, (kind, _, _) in layers.items() if kind == "output"]
         levels = sorted({scales[n] for n in decoder}, reverse=True)  # coarsest first
-        if rule == "all decoder" or not levels:
+        if not decoder:  # a UNet without decoder cross-attention: the coarsest level it has
+            coarsest = max(scales[n] for n in layers)
+            return [n for n in layers if scales[n] == coarsest]
+        if rule == "all decoder":
             return decoder
         level = levels[min(1 if rule == "mid decoder" else 0, len(levels) - 1)]
         return [n for n in decoder if scales[n] == level]

@@ -13,6 +13,11 @@ import re
 from .comfy_bridge import GuidanceInputError
 
 
+# The CLIP encoders' keys in ComfyUI's tokenizer output (SD1: l; SD2: h; SDXL/SD3: g and l). Other encoders of a
+# model (T5 of SD3/Flux) have their own token layout and are not what a UNet's cross-attention reads.
+CLIP_KEYS = ("l", "g", "h")
+
+
 def _streams(clip, text: str) -> dict:
     """``{encoder key: [(position, token id or None, word id)]}`` over all chunks."""
     tokens = clip.tokenize(text, return_word_ids=True)
@@ -48,6 +53,8 @@ def token_positions(clip, prompt: str, words: str, node: str, input_name: str = 
     if not (prompt or "").strip():
         raise GuidanceInputError(f"{node}: input 'prompt' is empty; give the positive prompt, word for word")
     streams = _streams(clip, prompt)
+    clip_keys = [k for k in streams if k in CLIP_KEYS]
+    streams = {k: streams[k] for k in clip_keys} if clip_keys else streams
     length = max(len(s) for s in streams.values())
     found = {}
     for key, stream in streams.items():

@@ -253,3 +253,33 @@ def test_token_positions(host, sd):
     assert tokens.token_positions(xl, "a photo of a dog", "dog", "N") == ([5], 77)
     with pytest.raises(Exception, match="input 'words'.*'cat' is not in the prompt.*'dog'"):
         tokens.token_positions(xl, "a photo of a dog", "cat", "N")
+
+
+def test_attention_map_node_draws_the_words_heat_map(host, sd):
+    """UG Attention Map through the executor: an IMAGE at 8× the latent, a MASK in [0, 1], different per word."""
+    from PIL import Image as PILImage
+    import os as _os
+
+    def heat(words):
+        p = prompts.base(CHECKPOINT, size=SIZE)
+        p["50"] = {"class_type": "UniversalGuidanceAttentionMap", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "prompt": PROMPT, "words": words, "layers": "all",
+            "latent": ["4", 0], "noise_level": 0.5, "seed": 3}}
+        p["51"] = {"class_type": "SaveImage", "inputs": {"images": ["50", 0], "filename_prefix": f"heat_{words}"}}
+        p["52"] = {"class_type": "MaskToImage", "inputs": {"mask": ["50", 1]}}
+        p["53"] = {"class_type": "SaveImage", "inputs": {"images": ["52", 0], "filename_prefix": f"mask_{words}"}}
+        result = host.run(p)
+        err = result.error()
+        assert result.success, err and (err["exception_message"], err["traceback"][-3:]) or result.messages
+        out = []
+        for node in ("51", "53"):
+            info = result.outputs[node]["images"][0]
+            path = _os.path.join(host.workdir, "output", info.get("subfolder", ""), info["filename"])
+            out.append(np.asarray(PILImage.open(path).convert("RGB")).astype(np.float64) / 255.0)
+        return out
+
+    cat_rgb, cat_mask = heat("cat")
+    sofa_rgb, sofa_mask = heat("sofa")
+    assert cat_rgb.shape == (SIZE, SIZE, 3) and cat_mask.shape == (SIZE, SIZE, 3)
+    assert cat_mask.max() > 0.9 and cat_mask.min() < 0.1  # min-max normalised
+    assert np.abs(cat_mask - sofa_mask).mean() > 0.01  # each word has its own map
