@@ -79,10 +79,18 @@ def server(host, tmp_path_factory):
         pytest.skip(f"no web frontend for this ComfyUI: {e}")
     workdir = str(tmp_path_factory.mktemp("live"))
     wfiles.write_reference(os.path.join(workdir, "input"))
+    # Guidance-network files where users put them: the workdir's models/universal_guidance/<kind>/ and a second
+    # --models root's universal_guidance/<kind>/ (names only: listing needs no valid weights).
+    extra = str(tmp_path_factory.mktemp("extra-models"))
+    for root, kind, name in ((os.path.join(workdir, "models"), "segmentation", LISTED_SEG),
+                             (extra, "clip", LISTED_CLIP)):
+        os.makedirs(os.path.join(root, "universal_guidance", kind), exist_ok=True)
+        with open(os.path.join(root, "universal_guidance", kind, name), "wb") as f:
+            f.write(b"not weights")
     port = free_port()
     log = os.path.join(workdir, "server.log")
     cmd = [sys.executable, "-m", "headless", "serve", "--comfyui", comfy, "--port", str(port), "--workdir", workdir,
-           "--models", wfiles.TINY_MODELS_ROOT, "--cpu"]
+           "--models", wfiles.TINY_MODELS_ROOT, "--models", extra, "--cpu"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}/", workdir, proc, log)
@@ -125,6 +133,18 @@ def test_server_listens_on_loopback_only(server):
         text = f.read()
     assert "0.0.0.0" not in text
     assert server.url.startswith("http://127.0.0.1:")
+
+
+LISTED_SEG = "lraspp_mobilenet_v3_large-in-workdir.pth"
+LISTED_CLIP = "ViT-B-32-in-extra-root.safetensors"
+
+
+def test_universal_guidance_folders_of_every_models_root_are_listed(server):
+    info = get(server.url + "object_info", timeout=60)
+    seg = info["UniversalGuidanceSegmentation"]["input"]["required"]["model"][0]
+    clip = info["UniversalGuidanceCLIPText"]["input"]["required"]["clip_model"][0]
+    assert LISTED_SEG in seg, seg
+    assert LISTED_CLIP in clip, clip
 
 
 def test_object_info_lists_every_pack_node_with_tooltips(server, pack_nodes):

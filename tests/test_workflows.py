@@ -49,6 +49,22 @@ def test_there_are_workflows():
     assert {"image.json", "samplercustom.json", "samplercustom_advanced.json"} <= set(NAMES)
 
 
+@pytest.mark.parametrize("name", ["image_workflow_v0.1.json", "samplercustom_workflow_v0.1.json"])
+def test_workflows_saved_by_the_previous_release_still_load(name, host, info):
+    """Files saved before the samplers gained inputs and the KSampler its report output (tests/data holds the
+    first release's image.json and samplercustom.json): they convert, the new inputs take their defaults, and
+    ComfyUI's validator accepts them."""
+    wf = wfiles.load(os.path.join(os.path.dirname(__file__), "data", name))
+    warnings = []
+    prompt = ui_to_api(wf, info, warnings=warnings)
+    sampler = prompt["20" if "samplercustom" in name else "5"]["inputs"]
+    assert sampler["max_step"] == 10.0 and sampler["cfg_branch"] == "combined" and sampler["low_memory"] is False
+    assert any("max_step" in w for w in warnings)
+    wfiles.substitute_files_api(prompt)
+    ok, error, _, node_errors = host.validate(prompt)
+    assert ok, (error, node_errors)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_input_image_is_shipped_or_named_in_the_note(name):
     """A Load Image file other than ComfyUI's own example.png is shipped in workflows/inputs/ (and the note says
