@@ -40,7 +40,9 @@ def pack_module(name: str = ""):
     init = os.path.realpath(os.path.join(PACK_DIR, "__init__.py"))
     for module_name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if path and os.path.realpath(path) == init and module_name not in ("__main__",):
+        # ComfyUI loads the pack as a package; pytest may also import the same file as a plain module "__init__"
+        # (in a folder whose name is not an identifier), which has no submodules.
+        if path and os.path.realpath(path) == init and hasattr(module, "__path__"):
             import importlib
             return importlib.import_module(module_name + ("." + name if name else "")) if name else module
     raise RuntimeError("the Universal Guidance pack is not loaded: boot a headless.host.Host first")

@@ -26,6 +26,7 @@ import pytest
 import workflow_files as wfiles
 from conftest import ROOT
 from headless import serve
+from headless.host import pack_module
 from headless.nodeinfo import ordered_inputs
 from headless.ui_build import set_widgets
 from headless.ui_to_api import ui_to_api
@@ -120,12 +121,9 @@ def server(host, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pack_nodes(host):
     """The pack's own NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS, as ComfyUI loaded them."""
-    init = os.path.realpath(os.path.join(ROOT, "__init__.py"))
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and os.path.realpath(path) == init and getattr(module, "NODE_CLASS_MAPPINGS", None):
-            return module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS
-    pytest.fail("the pack's module is not loaded in the test host")
+    module = pack_module()
+    assert module.NODE_CLASS_MAPPINGS, "the pack loaded no nodes in the test host"
+    return module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS
 
 
 def test_server_listens_on_loopback_only(server):
