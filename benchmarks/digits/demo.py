@@ -1,5 +1,6 @@
 """Demo: one row per target digit 0-9, columns unguided / forward / forward+recurrence /
-forward+backward+recurrence, all through ``guidance.sample_universal`` (VE, 50 Euler/DDIM steps).
+forward+backward+recurrence (the quality benchmark's best recipe, 20 steps), all through
+``guidance.sample_universal`` (VE, Euler/DDIM steps; 50 unless the column says otherwise).
 
     python -m benchmarks.digits.demo --out out/demo [--quick] [--threads 1]
 
@@ -23,12 +24,12 @@ from .plot import grid
 from .quality import BEST
 
 S = ug.Settings
-COLUMNS = [
-    ("unguided", S(forward_strength=0.0)),
-    ("forward\ns=1", S(forward_strength=1.0)),
-    ("forward + recurrence\ns=1, k=3", S(forward_strength=1.0, recurrence=3)),
-    # The best setting of the quality benchmark (benchmarks/digits/quality.py, BEST).
-    ("forward + backward + recurrence\ns=1, m=5, stop 0.01, k=3, steps 50-100%", BEST[1]),
+COLUMNS = [  # (label, settings, sampling steps)
+    ("unguided", S(forward_strength=0.0), metrics.STEPS),
+    ("forward\ns=1", S(forward_strength=1.0), metrics.STEPS),
+    ("forward + recurrence\ns=1, k=3", S(forward_strength=1.0, recurrence=3), metrics.STEPS),
+    # The best recipe of the quality benchmark (benchmarks/digits/quality.py, BEST).
+    ("forward + backward + recurrence\n" + BEST.name.split(": ", 1)[1], BEST.settings, BEST.steps),
 ]
 
 
@@ -48,20 +49,20 @@ def main(argv=None) -> dict:
     targets = metrics.targets_for(per_class)
     t_all = time.perf_counter()
     columns, shown = [], []
-    for label, settings in COLUMNS:
-        samples, stats, seconds = metrics.generate(bundle, targets, settings, seed=args.seed)
+    for label, settings, steps in COLUMNS:
+        samples, stats, seconds = metrics.generate(bundle, targets, settings, seed=args.seed, steps=steps)
         with torch.no_grad():
             pred = bundle.evaluator(samples).argmax(1)
         ok = pred == targets
         name = label.replace("\n", " (") + (")" if "\n" in label else "")
-        columns.append({"name": name, "settings": dataclasses.asdict(settings),
+        columns.append({"name": name, "settings": dataclasses.asdict(settings), "steps": steps,
                         "validity": round(float(ok.float().mean()), 4),
                         "validity_per_digit": [round(float(ok[targets == c].float().mean()), 3) for c in range(10)],
                         "seconds": round(seconds, 2), "evaluations": metrics.evaluations(stats)})
         shown.append([samples[targets == c][:show] for c in range(10)])
     rows = [[shown[c][r] for c in range(len(COLUMNS))] for r in range(10)]
     args.out.mkdir(parents=True, exist_ok=True)
-    grid(rows, [label for label, _ in COLUMNS], [str(r) for r in range(10)], args.out / "grid.png")
+    grid(rows, [label for label, _, _ in COLUMNS], [str(r) for r in range(10)], args.out / "grid.png")
     result = {"samples_per_digit": per_class, "shown_per_digit": show, "steps": metrics.STEPS, "seed": args.seed,
               "total_seconds": round(time.perf_counter() - t_all, 1), "columns": columns}
     (args.out / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import guidance as ug
 
@@ -35,30 +36,71 @@ def targets_for(per_class: int) -> torch.Tensor:
 
 
 def generate(bundle: Bundle, targets: torch.Tensor, settings: ug.Settings, *, seed: int = 0,
-             steps: int = STEPS) -> tuple[torch.Tensor, ug.Stats, float]:
+             steps: int = STEPS, augment: int = 0, geometric: bool = False,
+             info: dict | None = None) -> tuple[torch.Tensor, ug.Stats, float]:
     """Sample one digit per entry of ``targets`` (one batch) with Universal Guidance toward that class.
 
     Initial noise and the re-noise of self-recurrence come from generators seeded with ``seed``, so every
-    configuration starts from the same noise. Returns (samples clamped to [-1, 1], stats, wall seconds).
+    configuration starts from the same noise. ``augment``: random augmentations of the decoded image per guidance
+    evaluation (``GuidanceTerm(augment=…)``, seeded with ``seed``); ``geometric``: the classifier term declares
+    itself non-spatial, so translation, resize and cutout apply as well as the colour changes. Returns (samples
+    clamped to [-1, 1], stats, wall seconds); ``info``, when given, also receives ``cpu_seconds`` (process CPU
+    time of the call: all threads, robust to other jobs on the machine) and ``per_image`` (``per_image_counts``).
     """
     gen = torch.Generator().manual_seed(seed)
     sigmas = bundle.denoiser.schedule.ddim_sigmas(steps)
     x = torch.randn((targets.shape[0], 1, 8, 8), generator=gen) * sigmas[0]
-    objective = ug.Guidance().add(ug.GuidanceTerm("classifier", models.ClassifierLoss(bundle.classifier, targets)))
+    values = [] if info is not None else None
+    loss = models.ClassifierLoss(bundle.classifier, targets, spatial=not geometric, record=values)
+    objective = ug.Guidance().add(ug.GuidanceTerm("classifier", loss, augment=augment, seed=seed))
     stats = ug.Stats()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with torch.no_grad():
         out = ug.sample_universal(bundle.denoiser, x, sigmas, guidance=objective, decode=decode, settings=settings,
                                   parameterization=ug.VE, generator=torch.Generator().manual_seed(seed + 1),
                                   stats=stats)
     seconds = time.perf_counter() - t0
+    if info is not None:
+        info.update(seconds=seconds, cpu_seconds=time.process_time() - c0,
+                    per_image=per_image_counts(stats, values, settings))
     return out.clamp(-1.0, 1.0), stats, seconds
+
+
+def per_image_counts(stats: ug.Stats, values: list, settings: ug.Settings) -> dict:
+    """Evaluations per image as a batch-1 run would make them, mean over the batch.
+
+    The engine's counters are the batch's: with ``backward_early_stop`` a sample that has stopped is still carried
+    (masked) until the last sample of the batch stops. Run alone, it would stop after the evaluation whose loss fell
+    below the threshold. Replays that rule from the recorded per-sample losses (one entry per guidance
+    evaluation, aligned with ``stats.trace``); forward-guidance evaluations count once for every image."""
+    counts = evaluations(stats)
+    if not values or len(values) != len(stats.trace):
+        return {k: float(v) for k, v in counts.items()}
+    from guidance.augment import reduce
+
+    reduction = settings.smoothing_reduction if settings.smoothing_spec.active else "mean"
+    batch = values[0].shape[1]
+    forward, backward = 0, torch.zeros(batch, dtype=torch.float64)
+    key, stopped = None, None
+    for entry, v in zip(stats.trace, values):
+        if entry["phase"] != "backward":
+            forward, key = forward + 1, None
+            continue
+        if (entry["step"], entry["repeat"]) != key:
+            key, stopped = (entry["step"], entry["repeat"]), torch.zeros(batch, dtype=torch.bool)
+        backward += (~stopped).double()
+        if settings.backward_early_stop > 0:
+            stopped |= reduce(v.reshape(-1), v.shape[0], reduction) < settings.backward_early_stop
+    per_eval = forward + float(backward.mean())
+    return {"denoiser": float(counts["denoiser"]), "denoiser_with_grad": float(counts["denoiser_with_grad"]),
+            "guidance_network": per_eval, "decoder": per_eval * counts["decoder"] / max(counts["guidance_network"], 1)}
 
 
 def evaluations(stats: ug.Stats) -> dict:
     """Network evaluations of a run (a forward+backward counts as one): the engine's own counters."""
     return {"denoiser": stats.denoiser_calls, "denoiser_with_grad": stats.denoiser_grad_calls,
-            "guidance_network": stats.objective_calls}
+            "guidance_network": stats.objective_calls, "decoder": stats.decoder_calls}
 
 
 def features(evaluator: models.Evaluator, x: torch.Tensor) -> np.ndarray:
@@ -93,8 +135,9 @@ def score(bundle: Bundle, samples: torch.Tensor, targets: torch.Tensor) -> dict:
     accuracy on the samples (≫ validity means the guidance network was fooled adversarially)."""
     ev = bundle.evaluator
     with torch.no_grad():
-        pred = ev(samples).argmax(1)
-        guide_pred = bundle.classifier(samples).argmax(1)
+        logits = ev(samples)
+        guide_logits = bundle.classifier(samples)
+    pred, guide_pred = logits.argmax(1), guide_logits.argmax(1)
     f = features(ev, samples)
     real, real_y = _real_features(id(ev), ev)
     t = targets.numpy()
@@ -103,13 +146,25 @@ def score(bundle: Bundle, samples: torch.Tensor, targets: torch.Tensor) -> dict:
             "validity_per_class": [round(float((pred[targets == c] == c).float().mean()), 3)
                                    for c in range(NUM_CLASSES) if (targets == c).any()],
             "guide_accuracy": float((guide_pred == targets).float().mean()),
+            # the guidance objective on the final samples, and the same cross-entropy under the held-out evaluator
+            "guide_loss": float(F.cross_entropy(guide_logits, targets)),
+            "eval_loss": float(F.cross_entropy(logits, targets)),
             "fd": float(np.mean(per_class)) if per_class else float("nan"),
             "fd_pooled": frechet(f, real),
             "evaluator_histogram": np.bincount(pred.numpy(), minlength=NUM_CLASSES).tolist()}
 
 
-def reference_score(bundle: Bundle, per_class: int) -> dict:
-    """The same metrics for ``per_class`` *real training* digits per class: the floor a perfect model reaches."""
+def reference_score(bundle: Bundle, per_class: int, seed: int | None = None) -> dict:
+    """The same metrics for ``per_class`` *real training* digits per class vs the real held-out test digits: the
+    floor a perfect generator reaches at this sample count. ``seed`` None: the first ``per_class`` training
+    digits of each class; otherwise a random subset drawn with that seed."""
     split = load_split()
-    idx = torch.cat([torch.nonzero(split.y_train == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    idx = []
+    for c in range(NUM_CLASSES):
+        pool = torch.nonzero(split.y_train == c).flatten()
+        if gen is not None:
+            pool = pool[torch.randperm(pool.numel(), generator=gen)]
+        idx.append(pool[:per_class])
+    idx = torch.cat(idx)
     return score(bundle, split.x_train[idx], split.y_train[idx])

@@ -174,14 +174,28 @@ class Evaluator(nn.Module):
 
 
 class ClassifierLoss:
-    """Guidance objective: cross-entropy of ``net`` for ``targets`` on the decoded image → ``loss[B]``."""
+    """Guidance objective: cross-entropy of ``net`` for ``targets`` on the decoded image → ``loss[B]``.
 
-    def __init__(self, net: nn.Module, targets: torch.Tensor):
-        self.net, self.targets = net, targets.long()
+    ``spatial`` tells the engine's random augmentation (``GuidanceTerm(augment=R)``) what it may change: True (the
+    engine's default for a loss without the attribute) = colour only; False = a class label does not live on the
+    image grid, so translation, resize and cutout apply too (as for CLIP). The engine batches augmented copies
+    outermost (``[R·B]``), so the targets are tiled to the batch it receives."""
+
+    floor = 0.0  # the smallest cross-entropy (f* of the classical Polyak step)
+
+    def __init__(self, net: nn.Module, targets: torch.Tensor, spatial: bool = True, record: list | None = None):
+        self.net, self.targets, self.spatial = net, targets.long(), bool(spatial)
+        self.record = record  # when a list: each call appends its detached losses as [views, B]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(image_to_input(image))
-        return F.cross_entropy(logits, self.targets, reduction="none")
+        targets = self.targets
+        if logits.shape[0] != targets.shape[0]:
+            targets = targets.repeat(logits.shape[0] // targets.shape[0])
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        if self.record is not None:
+            self.record.append(loss.detach().float().reshape(-1, self.targets.shape[0]))
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------- weights
