@@ -134,11 +134,29 @@ def appearance(a: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- losses
 
+AUTO = "auto"
+AUTO_RATIO = 1.25  # a layer counts for a token when its soft size is within 25 % of the most compact layer's
+
+
+def compact_layers(maps: list) -> torch.Tensor:
+    """``[L, B, K]`` 0/1 weights: per image and token, the layers whose soft-thresholded map is the most compact
+    (soft size ≤ ``AUTO_RATIO`` × the smallest over the layers), detached.
+
+    A map that tracks an object covers about the object; a map on the background, or a diffuse one, covers much
+    more. On the shapes benchmark this picks, per word, the layers whose centroid tracks the object best (see
+    benchmarks/shapes/README.md) — without the ground truth it was measured with, so it applies to any model."""
+    sizes = torch.stack([soft_threshold(a.detach()).mean(dim=(1, 2)) for a in maps])  # [L, B, K]
+    return (sizes <= AUTO_RATIO * sizes.min(dim=0, keepdim=True).values).float()
+
+
 class InternalLoss:
     """Base of the self-guidance terms: which tokens and layers, which reference, what to capture.
 
     ``tokens``: positions in the conditioning's context (all sub-tokens of every occurrence of the word);
-    ``layers``: names of the captured attention layers to use (``None``: every captured one).
+    ``layers``: names of the captured attention layers to use; ``None``: every captured one; ``"auto"``: every
+    captured one, each token of each image counting only the layers where its map is most compact
+    (``compact_layers``). Each subclass computes a value per layer, image and token ``[L, B, K]``; the loss is
+    their mean over the layers and tokens that count, ``[B]`` in fp32.
     """
 
     term_kind = "internal"
@@ -149,33 +167,39 @@ class InternalLoss:
     layer_rule = None
     context_length = None
 
-    def __init__(self, tokens: Sequence[int], layers: Optional[Sequence[str]] = None,
-                 reference=ABSOLUTE, label: str = ""):
+    def __init__(self, tokens: Sequence[int], layers=None, reference=ABSOLUTE, label: str = ""):
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("no token positions given")
-        self.tokens, self.layers = tokens, None if layers is None else list(layers)
+        self.tokens = tokens
+        self.layers = layers if layers in (None, AUTO) else list(layers)
         if not (isinstance(reference, torch.Tensor) or reference in (ABSOLUTE, ORIGINAL)):
             raise ValueError(f"reference must be 'absolute', 'original' or a latent tensor, got {reference!r}")
         self.reference = reference
         self.label = label
 
     def bound(self, layers=None, reference=None) -> "InternalLoss":
-        """A copy using ``layers`` (names) and/or ``reference`` (e.g. the latent moved into the sampler's space)."""
+        """A copy using ``layers`` (names, or ``"auto"``) and/or ``reference`` (e.g. the latent moved into the
+        sampler's space)."""
         import copy
         out = copy.copy(self)
         if layers is not None:
-            out.layers = list(layers)
+            out.layers = layers if layers == AUTO else list(layers)
         if reference is not None:
             out.reference = reference
         return out
 
     @property
-    def request(self) -> CaptureRequest:
-        return CaptureRequest(None if self.layers is None else frozenset(self.layers), self.needs_features)
+    def named_layers(self) -> Optional[list]:
+        return None if self.layers in (None, AUTO) else self.layers
 
-    def _maps(self, internals: Internals) -> list:
-        return internals.token_maps(self.tokens, self.layers)
+    @property
+    def request(self) -> CaptureRequest:
+        names = self.named_layers
+        return CaptureRequest(None if names is None else frozenset(names), self.needs_features)
+
+    def _maps(self, internals: Internals, tokens=None) -> list:
+        return internals.token_maps(self.tokens if tokens is None else tokens, self.named_layers)
 
     def _reference(self, reference: Optional[Internals]) -> Internals:
         if reference is None:
@@ -186,8 +210,11 @@ class InternalLoss:
     def reference_name(self) -> str:
         return "a reference latent" if isinstance(self.reference, torch.Tensor) else str(self.reference)
 
-    def per_layer(self, values: list) -> torch.Tensor:
-        return torch.stack(values, dim=0).mean(dim=0).float()
+    def combine(self, values: list, maps: list) -> torch.Tensor:
+        """``[B]``: the mean of the per-layer ``[B, K]`` values over the layers (and tokens) that count."""
+        v = torch.stack([x.float() for x in values])                         # [L, B, K]
+        w = compact_layers(maps) if self.layers == AUTO else torch.ones_like(v)
+        return (w * v).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)
 
     def __call__(self, internals: Internals, reference: Optional[Internals] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -209,13 +236,13 @@ class MoveLoss(InternalLoss):
     def __call__(self, internals, reference=None):
         maps = self._maps(internals)
         refs = self._maps(self._reference(reference)) if self.shift is not None else [None] * len(maps)
-        losses = []
+        values = []
         for a, r in zip(maps, refs):
             c = centroid(a)                                                  # [B, K, 2]
             goal = (centroid(r.detach()) + self.shift.to(c.device)) if r is not None \
                 else self.target.to(c.device).expand_as(c)
-            losses.append((c - goal).abs().mean(dim=(1, 2)))
-        return self.per_layer(losses)
+            values.append((c - goal).abs().mean(dim=2))
+        return self.combine(values, maps)
 
 
 class ResizeLoss(InternalLoss):
@@ -233,16 +260,16 @@ class ResizeLoss(InternalLoss):
     def __call__(self, internals, reference=None):
         maps = self._maps(internals)
         refs = self._maps(self._reference(reference)) if self.factor is not None else [None] * len(maps)
-        losses = []
+        values = []
         for a, r in zip(maps, refs):
             s = size(a)                                                      # [B, K]
             goal = size(r.detach()) * self.factor if r is not None else torch.full_like(s, float(self.target))
-            losses.append((s - goal).abs().mean(dim=1))
-        return self.per_layer(losses)
+            values.append((s - goal).abs())
+        return self.combine(values, maps)
 
 
 class KeepShapeLoss(InternalLoss):
-    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels and tokens."""
+    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels."""
 
     def __init__(self, tokens, layers=None, *, reference=ORIGINAL, label=""):
         if reference == ABSOLUTE:
@@ -251,14 +278,15 @@ class KeepShapeLoss(InternalLoss):
 
     def __call__(self, internals, reference=None):
         maps, refs = self._maps(internals), self._maps(self._reference(reference))
-        return self.per_layer([(shape(a) - shape(r.detach())).abs().mean(dim=(1, 2, 3))
-                               for a, r in zip(maps, refs)])
+        return self.combine([(shape(a) - shape(r.detach())).abs().mean(dim=(1, 2)) for a, r in zip(maps, refs)],
+                            maps)
 
 
 class AppearanceLoss(InternalLoss):
     """Keep (``reference='original'``) or take (a reference latent) the token's appearance: L1 between Ψ averaged
     under the token's mask here and in the reference. ``reference_tokens``: the token positions in the reference's
-    own prompt (default: the same positions)."""
+    own prompt (default: the same positions; with a different number of tokens the reference's appearance is
+    their mean)."""
 
     needs_features = True
 
@@ -273,24 +301,28 @@ class AppearanceLoss(InternalLoss):
         if internals.feats is None or ref.feats is None:
             raise ValueError("appearance needs the captured activations (feats)")
         maps = self._maps(internals)
-        refs = ref.token_maps(self.reference_tokens, self.layers)
-        # One mask per layer; the appearance vectors are compared token by token (averaged over tokens if the
-        # reference names a different number of them).
-        losses = []
+        refs = self._maps(ref, self.reference_tokens)
+        values = []
         for a, r in zip(maps, refs):
-            app = appearance(a, internals.feats).mean(dim=1)                 # [B, C]
-            app_ref = appearance(r, ref.feats.detach()).mean(dim=1)
-            losses.append((app - app_ref.detach()).abs().mean(dim=1))
-        return self.per_layer(losses)
+            app = appearance(a, internals.feats)                              # [B, K, C]
+            app_ref = appearance(r, ref.feats.detach())
+            if app_ref.shape[1] != app.shape[1]:
+                app_ref = app_ref.mean(dim=1, keepdim=True)
+            values.append((app - app_ref.detach()).abs().mean(dim=2))
+        return self.combine(values, maps)
 
 
 # ------------------------------------------------------------------------------------------ maps to pictures
 
-def heat_map(internals: Internals, tokens: Sequence[int], layers: Optional[Sequence[str]] = None,
+def heat_map(internals: Internals, tokens: Sequence[int], layers=None,
              size_hw: Optional[tuple] = None) -> torch.Tensor:
-    """``[B, H, W]`` in [0, 1]: the tokens' maps averaged over layers and tokens, min-max normalised, resized."""
-    maps = [normalize(m).mean(dim=-1) for m in internals.token_maps(tokens, layers)]
-    heat = torch.stack(maps).mean(dim=0)
+    """``[B, H, W]`` in [0, 1]: the tokens' maps averaged over layers (for ``"auto"``: the most compact ones, as the
+    losses use them) and tokens, min-max normalised, resized."""
+    maps = internals.token_maps(tokens, None if layers in (None, AUTO) else layers)
+    w = compact_layers(maps) if layers == AUTO else torch.ones(len(maps), *maps[0].shape[::3])  # [L, B, K]
+    stacked = torch.stack([normalize(m) for m in maps])                      # [L, B, H, W, K]
+    weights = w[:, :, None, None, :]
+    heat = ((stacked * weights).sum(dim=(0, 4)) / weights.sum(dim=(0, 4)).clamp_min(1.0))
     if size_hw is not None and tuple(heat.shape[-2:]) != tuple(size_hw):
         heat = F.interpolate(heat[:, None], size=size_hw, mode="bilinear", align_corners=False)[:, 0]
     return normalize(heat[..., None])[..., 0]

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..guidance.selfguidance import Internals
+from ..guidance.selfguidance import AUTO, Internals
 
 COND = 0
 
@@ -216,15 +216,20 @@ def captured_call(model, x, sigma, extra_args: dict, unet, layers: dict, context
     return x0, capture.internals()
 
 
-# Choices of layers offered by the self-guidance nodes. The default follows the shapes benchmark's measurement:
-# the decoder's coarsest cross-attention level tracks where an object is (see benchmarks/shapes/README.md).
-LAYER_RULES = ("coarse decoder", "mid decoder", "all decoder", "all")
+# Choices of layers offered by the self-guidance nodes. The default, "auto", is the rule the shapes benchmark
+# validated (benchmarks/shapes/README.md): which layer localizes an object depends on the word and the model, and
+# per word the layers with the most compact maps are the ones whose centroid tracks the object
+# (guidance.selfguidance.compact_layers): every layer is captured, each token uses its compact ones.
+LAYER_RULES = ("auto", "coarse decoder", "mid decoder", "all decoder", "all")
 
 
-def resolve_layer_rule(rule, unet) -> list:
-    """Layer names for a rule of ``LAYER_RULES`` (or a comma-separated list of names) on this UNet."""
+def resolve_layer_rule(rule, unet):
+    """Layer names for a rule of ``LAYER_RULES`` (or a comma-separated list of names) on this UNet; ``"auto"``
+    stays ``"auto"`` (every layer captured, chosen per token by the engine)."""
     layers = attention_layers(unet)
     rule = (rule or LAYER_RULES[0]).strip()
+    if rule == "auto":
+        return AUTO
     if rule == "all":
         return list(layers)
     if rule in LAYER_RULES:

@@ -256,7 +256,7 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
         if term.kind == "internal":
             loss = term.loss
             names = loss.layers if loss.layers is not None else ac.resolve_layer_rule(loss.layer_rule, unet)
-            missing = [n for n in names if n not in layers]
+            missing = [] if names == ac.AUTO else [n for n in names if n not in layers]
             if missing or not names:
                 raise GuidanceInputError(f"{node}: self-guidance term {term.name!r}: this UNet has no attention "
                                          f"layers {missing or names}; it has {', '.join(layers)}")

@@ -32,7 +32,7 @@ def attention_heat(node: str, model, clip, prompt: str, words: str, layers: str,
                                  f"(SD1.x, SD2.x, SDXL); {type(base).__name__} is not supported yet")
     names = ac.resolve_layer_rule(layers, unet)
     all_layers = ac.attention_layers(unet)
-    chosen = {n: all_layers[n] for n in names}
+    chosen = all_layers if names == ac.AUTO else {n: all_layers[n] for n in names}
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
         else base.model_sampling
     sigma = float(sampling.percent_to_sigma(min(max(noise_level, 0.0), 0.999)))

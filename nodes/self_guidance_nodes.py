@@ -41,9 +41,12 @@ def sg_inputs(weight: float, weight_tip: str) -> dict:
                                                          "every occurrence is used."}),
         "layers": (list(ac.LAYER_RULES), {
             "default": ac.LAYER_RULES[0],
-            "tooltip": "Cross-attention layers read: 'coarse decoder' = the decoder's lowest-resolution attention "
-                       "(SD1.5 output blocks 3-5, 16x16 at 512²; SDXL output 0-2, 32x32 at 1024²), where maps "
-                       "track objects best in our benchmark; 'mid decoder' the next level; 'all decoder'; 'all'."}),
+            "tooltip": "Cross-attention layers read. 'auto' (default): every layer is captured and, per word, the "
+                       "layers where its map is most compact count — the rule the shapes benchmark found to pick "
+                       "the layers that track objects (which layer does depends on the word and the model). "
+                       "'coarse decoder' = the decoder's lowest-resolution attention (SD1.5 output blocks 3-5, 16x16 "
+                       "at 512²; SDXL output 0-2, 32x32 at 1024²); 'mid decoder' the next level; 'all decoder'; "
+                       "'all' (every layer, equally)."}),
         "weight": ("FLOAT", {"default": weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
                              "tooltip": weight_tip + " Weight = the paper's v (sampler in 'paper' mode: "
                                         "x̂0 ← x̂0 − v·σ²·∇ₓloss). Negative values push the other way; 0 = off."}),

@@ -200,7 +200,7 @@ def test_executor_runs_move_and_the_report_image(host, sd):
     p = prompts.base(CHECKPOINT, size=SIZE)
     p["2"]["inputs"]["text"] = PROMPT
     p["40"] = {"class_type": "UniversalGuidanceSGMove", "inputs": {
-        "clip": ["1", 1], "prompt": PROMPT, "words": "cat", "layers": "coarse decoder", "weight": 4.0,
+        "clip": ["1", 1], "prompt": PROMPT, "words": "cat", "layers": "auto", "weight": 4.0,
         "start_percent": 0.0, "end_percent": 0.6, "mode": "to (x, y)", "x": 0.2, "y": 0.5}}
     p["5"] = {"class_type": "UniversalGuidanceKSampler", "inputs": {
         "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "vae": ["1", 2],

@@ -225,3 +225,20 @@ def test_reference_latent_is_noised_to_each_sigma():
             torch.testing.assert_close(noise, first, atol=1e-4, rtol=0)
         first = noise if not i else first
         assert feats.shape[0] == 3
+
+
+def test_auto_layers_count_the_most_compact_map_per_token():
+    """Layer x: token 0 compact (a blob), token 1 diffuse; layer y the reverse. "auto" uses, per token, the layer
+    where its map is compact: the loss equals the mean of the two compact maps' losses."""
+    blob0, blob1 = blob(16, 16, 0.3, 0.3, 0.06), blob(16, 16, 0.7, 0.6, 0.06)
+    wide = blob(16, 16, 0.5, 0.5, 0.6)
+    internals = sg.Internals({"x": torch.cat([blob0, wide], -1), "y": torch.cat([wide, blob1], -1)})
+    w = sg.compact_layers(internals.token_maps([0, 1]))
+    assert w[:, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    target = (0.2, 0.2)
+    auto = sg.MoveLoss([0, 1], layers="auto", target=target)(internals)
+    only = (sg.MoveLoss([0], layers=["x"], target=target)(internals) +
+            sg.MoveLoss([1], layers=["y"], target=target)(internals)) / 2
+    torch.testing.assert_close(auto, only)
+    assert not torch.allclose(sg.MoveLoss([0, 1], target=target)(internals), only)
+    assert sg.MoveLoss([0], layers="auto", target=target).request.layers is None  # every layer is captured

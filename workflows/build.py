@@ -199,7 +199,7 @@ SG_PROMPT = "a photo of a dog on a beach, sunny day, highly detailed"
 
 
 def sg_move(node_id, pos, chain=None, weight=4.0):
-    inputs = {"clip": link(1, "CLIP"), "prompt": SG_PROMPT, "words": "dog", "layers": "coarse decoder",
+    inputs = {"clip": link(1, "CLIP"), "prompt": SG_PROMPT, "words": "dog", "layers": "auto",
               "weight": weight, "start_percent": 0.0, "end_percent": 0.6, "mode": "to (x, y)", "x": 0.25, "y": 0.6}
     if chain is not None:
         inputs["guidance"] = link(chain, "UG_GUIDANCE")
