@@ -12,13 +12,15 @@ Denoiser: ``x = x0 + σ·n``; ``D(x, σ) = x - σ·ε̂(x/sqrt(1+σ²), t(σ))``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from guidance.selfguidance import CaptureRequest, Internals
 
 from . import data
-from .models import ShapesUNet
+from .models import LAYERS, ShapesUNet
 
 T_STEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -66,22 +68,40 @@ SCHEDULE = Schedule()
 
 
 # ---------------------------------------------------------------------------------------------- denoiser
-@dataclass
-class Internals:
-    """What a capture returns: ``maps[layer]`` ``[B, H, W, T]`` attention probabilities (head mean, fp32, cond
-    branch, all T tokens) and ``feats`` Ψ ``[B, C, h, w]`` (cond branch); both keep autograd."""
+def _layers_of(capture) -> tuple:
+    """``(layer names or None for all, features?)`` of a capture request: a ``guidance.selfguidance.CaptureRequest``
+    (its ``layers``, ``features``), or any other non-None value (``True``): every layer and Ψ."""
+    if isinstance(capture, CaptureRequest):
+        return (None if capture.layers is None else sorted(capture.layers)), bool(capture.features)
+    return None, True
 
-    maps: dict
-    feats: torch.Tensor
+
+def to_internals(maps: dict, feats) -> Internals:
+    """The engine's ``Internals``: maps resized (bilinear, as the SD bridge ``nodes/attention_capture.py`` does)
+    to the largest captured resolution, in ``models.LAYERS`` order."""
+    h = max(m.shape[1] for m in maps.values())
+    w = max(m.shape[2] for m in maps.values())
+    out = {}
+    for name in sorted(maps, key=lambda n: LAYERS.index(n) if n in LAYERS else len(LAYERS)):
+        m = maps[name]
+        if m.shape[1:3] != (h, w):
+            m = F.interpolate(m.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
+                              align_corners=False).permute(0, 2, 3, 1)
+        out[name] = m
+    return Internals(out, feats)
 
 
 def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Tensor, cfg_scale: float,
-                  schedule: Schedule = SCHEDULE):
+                  schedule: Schedule = SCHEDULE, resize: bool = True):
     """``denoise(x, sigma, capture=None)`` for ``guidance.sample_universal``.
 
     tokens ``[B, T]`` (one caption per sample, or ``[1, T]`` broadcast), null_tokens ``[T]``/``[1, T]``/``[B, T]``;
-    x ``[B, 3, 32, 32]`` in VE form, sigma ``[B]`` (or a scalar). Returns x̂0; with any non-None ``capture``,
-    ``(x̂0, Internals)`` for every named layer and Ψ (cond rows only when cond and uncond share the batch).
+    x ``[B, 3, 32, 32]`` in VE form, sigma ``[B]`` (or a scalar). Returns x̂0; with a ``capture``
+    (``guidance.selfguidance.CaptureRequest``: ``layers`` None = every layer, ``features`` = Ψ or not; any other
+    non-None value = everything) ``(x̂0, guidance.selfguidance.Internals)`` of the requested layers, resized to
+    their largest resolution, and Ψ (else ``feats`` None) — cond rows only when cond and uncond share the batch.
+    x̂0 is the same with and without a capture. ``resize=False`` keeps every map at its layer's own resolution
+    (16×16 or 8×8; the probe's setting).
     """
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, capture: Optional[object] = None):
@@ -100,10 +120,13 @@ def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Te
         if capture is None:
             eps = model(z, t, ctx)
         else:
-            with model.capture() as rec:
+            layers, features = _layers_of(capture)
+            with model.capture(layers, features) as rec:
                 eps = model(z, t, ctx)
             keep = slice(b, 2 * b) if guided else slice(0, b)
-            internals = Internals({k: v[keep] for k, v in rec.maps.items()}, rec.feats[keep])
+            maps = {k: v[keep] for k, v in rec.maps.items()}
+            feats = rec.feats[keep] if features else None
+            internals = to_internals(maps, feats) if resize else Internals(maps, feats)
         if guided:
             e_u, e_c = eps.chunk(2)
             eps = e_u + cfg_scale * (e_c - e_u)

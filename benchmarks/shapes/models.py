@@ -10,10 +10,10 @@ the relation words). Cross-attention layers, by name and resolution:
 ``down16`` (16×16), ``down8``, ``mid8``, ``up8`` (8×8), ``up16`` (16×16). Their softmax over the tokens is computed
 explicitly, so a capture keeps autograd intact.
 
-Capture (``with net.capture() as rec: net(z, t, tokens)``): every named layer writes its attention probabilities
-to ``rec.maps[name]`` as ``[B, H, W, T]`` (mean over heads, fp32, all T tokens, differentiable) and the output
-of the ``up16`` stage (before upsampling) to ``rec.feats`` ``[B, 48, 16, 16]`` (Ψ, appearance). Outside a capture
-the layers only test ``sink is None``.
+Capture (``with net.capture(layers=None, features=True) as rec: net(z, t, tokens)``): every requested layer
+(``None``: all) writes its attention probabilities to ``rec.maps[name]`` as ``[B, H, W, T]`` (mean over heads,
+fp32, all T tokens, differentiable) and, with ``features``, the output of the ``up16`` stage (before upsampling)
+to ``rec.feats`` ``[B, 48, 16, 16]`` (Ψ, appearance). Outside a capture the layers only test ``sink is None``.
 
 ``ShapeClassifier``: a small CNN on 16×16 object-mask crops (see ``metrics.crop``) → circle / square / triangle;
 trained on clean rendered shapes only, independent of the diffusion model.
@@ -177,17 +177,23 @@ class ShapesUNet(nn.Module):
         return {t.attn2.name: t.attn2 for t in (self.t_down16, self.t_down8, self.t_mid8, self.t_up8, self.t_up16)}
 
     @contextmanager
-    def capture(self):
-        """Record the attention maps of every named layer and Ψ during the forward passes inside the block."""
+    def capture(self, layers=None, features: bool = True):
+        """Record the attention maps of the named ``layers`` (``None``: every one) and, with ``features``, Ψ during
+        the forward passes inside the block. Unknown layer names are an error naming the model's layers."""
         rec = Recording()
-        layers = self.cross_attention().values()
-        for layer in layers:
+        named = self.cross_attention()
+        if layers is not None:
+            unknown = sorted(set(layers) - set(named))
+            if unknown:
+                raise ValueError(f"unknown cross-attention layers {unknown}; this model has {list(named)}")
+        chosen = [a for n, a in named.items() if layers is None or n in layers]
+        for layer in chosen:
             layer.sink = rec.maps
-        self._recording = rec
+        self._recording = rec if features else None
         try:
             yield rec
         finally:
-            for layer in layers:
+            for layer in chosen:
                 layer.sink = None
             self._recording = None
 

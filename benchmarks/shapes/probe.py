@@ -62,7 +62,7 @@ def run_seed(model, scenes, seed: int, steps: int, cfg: float, capture_steps) ->
     import guidance as ug
 
     captions = [data.caption(s) for s in scenes]
-    denoise = adapter.make_denoiser(model, data.tokens(captions), data.tokens([""]), cfg)
+    denoise = adapter.make_denoiser(model, data.tokens(captions), data.tokens([""]), cfg, resize=False)
     sigmas = adapter.SCHEDULE.ddim_sigmas(steps)
     wanted = {float(sigmas[i]): i for i in capture_steps}
     found = {}
