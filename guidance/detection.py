@@ -25,6 +25,7 @@ global RNG (the sampler's noise) is not disturbed.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -97,6 +98,8 @@ def _parse_box(entry: str, n: int, relative: Optional[bool], size: Optional[tupl
         x0, y0, x1, y1 = (float(p) for p in parts[:4])
     except ValueError:
         raise ValueError(f"{where}: the four coordinates must be numbers") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"{where}: the four coordinates must be finite numbers (not nan or inf)")
     try:
         label = coco_label_id(parts[4])
     except ValueError as e:

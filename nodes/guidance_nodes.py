@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..guidance import Guidance, GuidanceTerm, ImageLoss
 from ..guidance.preprocess import to_bchw
 from .comfy_bridge import GuidanceInputError
+from .validation import CheckedNode
 
 CATEGORY = "sampling/universal guidance/losses"
 
@@ -56,19 +57,7 @@ def window_problem(start_percent=None, end_percent=None):
             f"step, 1 = the end)")
 
 
-def validation_result(node: str, *problems) -> bool:
-    """What a VALIDATE_INPUTS returns: True, or one error naming the node and listing every problem found.
-
-    ComfyUI shows a message returned by VALIDATE_INPUTS once for every input the check read (a window check would
-    be listed twice, each time after an input name). An error raised while validating a node is recorded once,
-    for that node, and the validation of the other nodes goes on, so one queue still lists every mistake."""
-    found = [p for p in problems if p]
-    if found:
-        raise GuidanceInputError(f"{node}: " + "; ".join(found))
-    return True
-
-
-class LossNode:
+class LossNode(CheckedNode):
     """What every guidance-loss node shares: its output, function name, menu and the window check."""
 
     RETURN_TYPES = ("UG_GUIDANCE",)
@@ -76,8 +65,8 @@ class LossNode:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        return validation_result(cls.NAME, window_problem(start_percent, end_percent))
+    def problems(cls, values: dict) -> list:
+        return [window_problem(values.get("start_percent"), values.get("end_percent"))]
 
 
 class UniversalGuidanceImage(LossNode):

@@ -102,10 +102,15 @@ def resolve(key: str, name: str, node: str, input_name: str) -> str:
             return ensure_weight_file(name, download_folder(key))
         except RuntimeError as e:
             raise GuidanceInputError(f"{node}: input '{input_name}': {e}") from None
+    raise GuidanceInputError(f"{node}: input '{input_name}': {missing_file(key, name)}")
+
+
+def missing_file(key: str, name) -> str:
+    """What to tell a user whose file ``name`` is not in the folders of ``key``."""
+    register_folders()
     folders = folder_paths.get_folder_paths(key)
-    raise GuidanceInputError(
-        f"{node}: input '{input_name}': the file {name!r} is not in {' or '.join(map(repr, folders))}; "
-        f"put it there (or choose another file) and refresh the page")
+    return (f"the file {name!r} is not in {' or '.join(map(repr, folders))}; put it there (or choose another "
+            f"file) and refresh the page")
 
 
 register_folders()

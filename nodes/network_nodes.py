@@ -16,7 +16,7 @@ from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import AUGMENT_INPUT, CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
+from .guidance_nodes import AUGMENT_INPUT, CHAIN_INPUT, LossNode, add_term, term_inputs
 
 AUTO = "auto (from file)"
 _CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
@@ -80,6 +80,7 @@ def _clip_inputs() -> dict:
 
 
 class UniversalGuidanceCLIPText(LossNode):
+    FILE_INPUTS = {"clip_model": "ug_clip"}
     NAME = "UG CLIP Text Guidance"
     DESCRIPTION = "Pulls the image towards a text prompt: −cosine similarity of CLIP image and text embeddings."
 
@@ -102,10 +103,10 @@ class UniversalGuidanceCLIPText(LossNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, text=None, start_percent=None, end_percent=None):
+    def problems(cls, values: dict) -> list:
+        text = values.get("text")
         empty = isinstance(text, str) and not text.strip()
-        return validation_result(cls.NAME, "input 'text': empty; write what the image should show" if empty else None,
-                                 window_problem(start_percent, end_percent))
+        return super().problems(values) + ["input 'text': empty; write what the image should show" if empty else None]
 
     def build(self, text, clip_model, architecture, cutouts, weight, start_percent, end_percent, guidance=None,
               augment=0):
@@ -119,6 +120,7 @@ class UniversalGuidanceCLIPText(LossNode):
 
 
 class UniversalGuidanceStyle(LossNode):
+    FILE_INPUTS = {"clip_model": "ug_clip"}
     NAME = "UG Style Guidance"
     DESCRIPTION = ("Pulls the image towards the style of a reference image: −cosine of CLIP image embeddings "
                    "(paper), optionally plus a Gram-matrix loss on CLIP features.")
@@ -156,6 +158,7 @@ def _seg_archs() -> list:
 
 
 class UniversalGuidanceSegmentation(LossNode):
+    FILE_INPUTS = {"model": "ug_segmentation"}
     NAME = "UG Segmentation Guidance"
     DESCRIPTION = ("Makes the image match a segmentation map: per-pixel cross-entropy of a torchvision "
                    "segmentation network (21 VOC classes) on the decoded image.")
@@ -223,6 +226,7 @@ class UniversalGuidanceSegmentation(LossNode):
 
 
 class UniversalGuidanceFace(LossNode):
+    FILE_INPUTS = {"model": "ug_face"}
     NAME = "UG Face Guidance"
     DESCRIPTION = ("Makes the generated face look like a reference face: MTCNN finds the face (no gradient), "
                    "InceptionResnetV1 (VGGFace2) embeds the crop, loss = L1 or 1−cosine between embeddings.")
@@ -265,6 +269,7 @@ class UniversalGuidanceFace(LossNode):
 
 
 class UniversalGuidanceDetection(LossNode):
+    FILE_INPUTS = {"model": "ug_detection"}
     NAME = "UG Object Detection Guidance"
     DESCRIPTION = ("Places objects in boxes: the training losses of torchvision Faster R-CNN ResNet50-FPN v2 "
                    "(COCO) against the target boxes, on the decoded image.")
@@ -301,8 +306,8 @@ class UniversalGuidanceDetection(LossNode):
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, boxes=None, coordinates=None, width=None, height=None, start_percent=None,
-                        end_percent=None):
+    def problems(cls, values: dict) -> list:
+        boxes, coordinates, width, height = (values.get(k) for k in ("boxes", "coordinates", "width", "height"))
         problem = None
         if isinstance(boxes, str) and None not in (coordinates, width, height):
             from ..guidance import detection as D
@@ -310,7 +315,7 @@ class UniversalGuidanceDetection(LossNode):
                 D.parse_boxes(boxes, image_size=(height, width), relative=coordinates == "relative")
             except ValueError as e:
                 problem = f"input 'boxes': {e}"
-        return validation_result(cls.NAME, problem, window_problem(start_percent, end_percent))
+        return super().problems(values) + [problem]
 
     def build(self, boxes, coordinates, width, height, model, box_regression, detector_size, weight,
               start_percent, end_percent, guidance=None, augment=0):

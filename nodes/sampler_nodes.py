@@ -9,7 +9,8 @@ from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
 from . import comfy_bridge, run_report
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import validation_result, window_problem
+from .guidance_nodes import window_problem
+from .validation import CheckedNode
 
 CATEGORY = "sampling/universal guidance"
 
@@ -124,12 +125,15 @@ def settings_from(node: str, **kw) -> Settings:
         raise GuidanceInputError(f"{node}: {e}") from None
 
 
-def validate_knobs(node: str, start_percent, end_percent, backward_steps, backward_lr) -> bool:
-    lr_problem = None
-    if backward_steps and backward_lr is not None and not backward_lr > 0:
-        lr_problem = (f"input 'backward_lr': must be > 0 when backward_steps is {backward_steps} (0 turns "
-                      f"backward guidance off)")
-    return validation_result(node, window_problem(start_percent, end_percent), lr_problem)
+def knob_problems(values: dict) -> list:
+    """The sampler knobs' own rules (each value already passed its type and range check, or is None)."""
+    start, end = values.get("start_percent"), values.get("end_percent")
+    steps, lr = values.get("backward_steps"), values.get("backward_lr")
+    problems = [window_problem(start, end)]
+    if steps and lr is not None and not lr > 0:
+        problems.append(f"input 'backward_lr': must be > 0 when backward_steps is {steps} (0 turns backward "
+                        f"guidance off)")
+    return problems
 
 
 def check_guidance(node: str, guidance) -> Guidance:
@@ -151,7 +155,7 @@ def check_vae(node: str, vae):
     return vae
 
 
-class UniversalGuidanceSampler:
+class UniversalGuidanceSampler(CheckedNode):
     """A SAMPLER for the stock SamplerCustom / SamplerCustomAdvanced."""
 
     NAME = "Universal Guidance Sampler"
@@ -167,8 +171,8 @@ class UniversalGuidanceSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, backward_steps=None, backward_lr=None):
-        return validate_knobs(cls.NAME, start_percent, end_percent, backward_steps, backward_lr)
+    def problems(cls, values: dict) -> list:
+        return knob_problems(values)
 
     def get_sampler(self, vae, guidance, **knobs):
         node = self.NAME
@@ -198,7 +202,7 @@ def render_run(run: dict, title: str):
                              term_windows=run["term_windows"], title=title)
 
 
-class UniversalGuidanceRunReport:
+class UniversalGuidanceRunReport(CheckedNode):
     """The run report of a Universal Guidance SAMPLER, for SamplerCustom / SamplerCustomAdvanced graphs."""
 
     NAME = "UG Run Report"
@@ -226,7 +230,7 @@ class UniversalGuidanceRunReport:
         return (render_run(runs.runs[-1], "Universal Guidance Sampler run"),)
 
 
-class UniversalGuidanceKSampler:
+class UniversalGuidanceKSampler(CheckedNode):
     """KSampler-style convenience node over the same SAMPLER."""
 
     NAME = "Universal Guidance KSampler"
@@ -265,8 +269,8 @@ class UniversalGuidanceKSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, backward_steps=None, backward_lr=None):
-        return validate_knobs(cls.NAME, start_percent, end_percent, backward_steps, backward_lr)
+    def problems(cls, values: dict) -> list:
+        return knob_problems(values)
 
     def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
                denoise, **knobs):
@@ -276,7 +280,9 @@ class UniversalGuidanceKSampler:
         settings = settings_from(node, **knobs)
         runs = run_report.RunLog()
         if denoise <= 0:
-            return (latent_image, run_report.render([], ["denoise 0: nothing was sampled"], steps=steps))
+            line = "denoise 0: nothing was sampled or guided; the latent is returned unchanged"
+            comfy_bridge.log.info("Universal Guidance: %s", line)
+            return (latent_image, run_report.render([], [line], steps=steps))
         sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
                                         options=options_from(node, **knobs))
         sigmas = comfy_bridge.sigmas_for(model, scheduler, steps, denoise)

@@ -16,7 +16,8 @@ import torch
 from ..guidance import selfguidance as sg
 from . import attention_capture as ac
 from .comfy_bridge import GuidanceInputError
-from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs, validation_result, window_problem
+from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
+from .validation import CheckedNode
 from .tokens import split_words, token_positions
 
 CATEGORY = "sampling/universal guidance/self-guidance"
@@ -59,8 +60,9 @@ class SelfGuidanceNode(LossNode):
     TERM = "self_guidance"
 
     @staticmethod
-    def common_problems(words=None, prompt=None, start_percent=None, end_percent=None) -> list:
-        problems = [window_problem(start_percent, end_percent)]
+    def word_problems(values: dict) -> list:
+        words, prompt = values.get("words"), values.get("prompt")
+        problems = []
         if isinstance(words, str) and not split_words(words):
             problems.append("input 'words': empty; name a word of the prompt, e.g. 'dog'")
         if isinstance(prompt, str) and not prompt.strip():
@@ -68,8 +70,8 @@ class SelfGuidanceNode(LossNode):
         return problems
 
     @classmethod
-    def VALIDATE_INPUTS(cls, words=None, prompt=None, start_percent=None, end_percent=None):
-        return validation_result(cls.NAME, *cls.common_problems(words, prompt, start_percent, end_percent))
+    def problems(cls, values: dict) -> list:
+        return super().problems(values) + cls.word_problems(values)
 
     def make_term(self, loss_cls, clip, prompt, words, layers, weight, start_percent, end_percent, guidance,
                   label, **loss_kw):
@@ -106,12 +108,12 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
             "optional": dict(CHAIN_INPUT)}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, words=None, prompt=None, start_percent=None, end_percent=None, mode=None, x=None,
-                        y=None):
-        problems = cls.common_problems(words, prompt, start_percent, end_percent)
+    def problems(cls, values: dict) -> list:
+        problems = super().problems(values)
+        mode, x, y = values.get("mode"), values.get("x"), values.get("y")
         if mode == "to (x, y)" and None not in (x, y) and not (0 <= x <= 1 and 0 <= y <= 1):
             problems.append(f"inputs 'x'/'y': a target position must lie in [0, 1] (got {x:g}, {y:g})")
-        return validation_result(cls.NAME, *problems)
+        return problems
 
     def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, mode, x, y, guidance=None):
         if mode.startswith("to"):
@@ -218,7 +220,7 @@ def colorize(heat: torch.Tensor) -> torch.Tensor:
     return _HEAT[lo] * (1 - t) + _HEAT[lo + 1] * t
 
 
-class UniversalGuidanceAttentionMap:
+class UniversalGuidanceAttentionMap(CheckedNode):
     NAME = "UG Attention Map"
     DESCRIPTION = ("Shows where words of the prompt attend in the model's cross-attention, as a heat map over the "
                    "image: one model pass on the latent noised to the chosen noise level. Use it to check what a "
@@ -249,8 +251,8 @@ class UniversalGuidanceAttentionMap:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, words=None, prompt=None):
-        return validation_result(cls.NAME, *SelfGuidanceNode.common_problems(words, prompt))
+    def problems(cls, values: dict) -> list:
+        return SelfGuidanceNode.word_problems(values)
 
     def render(self, model, clip, prompt, words, layers, latent, noise_level, seed, image=None):
         from .self_guidance_map import attention_heat

@@ -26,33 +26,6 @@ except ImportError:
     HAVE_FACENET = False
 
 
-@pytest.fixture(scope="module")
-def nets(host):
-    """Write every network once and register its folder with folder_paths (as extra_model_paths.yaml would)."""
-    import folder_paths
-    files = {}
-    for key in ("ug_clip", "ug_segmentation", "ug_face", "ug_detection"):
-        d = os.path.join(host.workdir, "models", "universal_guidance", key[3:])
-        os.makedirs(d, exist_ok=True)
-        folder_paths.add_model_folder_path(key, d)
-        files[key] = d
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    files["clip_vit"] = rn.write_tiny_clip(files["ug_clip"], "vit")
-    files["clip_rn"] = rn.write_tiny_clip(files["ug_clip"], "resnet")
-    files["seg"] = rn.write_lraspp(files["ug_segmentation"])
-    files["det"] = rn.write_detector(files["ug_detection"])
-    if HAVE_FACENET:
-        files["face"] = rn.write_face_net(files["ug_face"])
-    ref = (rn.astronaut((SIZE, SIZE))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    Image.fromarray(ref).save(os.path.join(host.workdir, "input", "ug_face_ref.png"))
-    style = (rn.coffee((SIZE, SIZE))[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    Image.fromarray(style).save(os.path.join(host.workdir, "input", "ug_style.png"))
-    seg = np.zeros((SIZE, SIZE, 3), np.uint8)
-    seg[:, SIZE // 2:] = (192, 128, 128)  # VOC "person" colour on the right half, background on the left
-    Image.fromarray(seg).save(os.path.join(host.workdir, "input", "ug_seg.png"))
-    return files
-
-
 def graph(term_nodes: dict, guidance_ref, *, seed: int, knobs: dict) -> dict:
     p = prompts.base(CHECKPOINT, size=SIZE)
     p.update(term_nodes)
