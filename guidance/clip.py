@@ -4,6 +4,9 @@ Models come from open_clip: ``load_clip(arch, weights_path, device)`` builds the
 weights (``open_clip.create_model(arch, pretrained=None)``: no download) and loads a state dict from a file —
 ``.safetensors``, a ``torch.save`` file read with ``weights_only=True`` (open_clip checkpoints, also wrapped in
 ``{"state_dict": ...}``) or one of OpenAI's TorchScript ``.pt`` archives (``guidance.download.WEIGHT_FILES``).
+Only architectures built entirely from the file are accepted (``local_clip_archs``): open_clip configs naming a
+Hugging Face tokenizer or text tower (``hf_tokenizer_name`` / ``hf_model_name``: RoBERTa, XLM-R, mT5, NLLB,
+SigLIP, …) would fetch it from the Hub while the model is built, so they are refused with a message saying so.
 
 Preprocessing is the CLIP one, made differentiable: shorter side bilinearly resized (anti-aliased) to the model's
 input size, central crop, CLIP mean/std. Optional "cutouts": ``N`` random square crops of the decoded image (their
@@ -81,6 +84,55 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def hub_dependencies(arch: str) -> dict:
+    """What the open_clip config of ``arch`` takes from the Hugging Face Hub instead of the weight file:
+    ``{"tokenizer": name, "text tower": name}`` (each only when the config names it; empty for the architectures
+    whose tokenizer is open_clip's bundled BPE and whose towers are all built from the config)."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(arch) or {}).get("text_cfg") or {}
+    needs = {}
+    if text_cfg.get("hf_tokenizer_name"):
+        needs["tokenizer"] = str(text_cfg["hf_tokenizer_name"])
+    if text_cfg.get("hf_model_name"):
+        needs["text tower"] = str(text_cfg["hf_model_name"])
+    return needs
+
+
+def local_clip_archs() -> list:
+    """The open_clip architectures (registered ones included) that build from the weight file alone, sorted."""
+    import open_clip
+
+    return sorted(a for a in open_clip.list_models() if not hub_dependencies(a))
+
+
+def _hf_cache_folder() -> str:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def clip_arch_problem(arch: str) -> Optional[str]:
+    """``None`` when ``load_clip`` can build ``arch`` from a weight file alone; else why not and what to pick."""
+    import open_clip
+
+    examples = "e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50 or ViT-H-14"
+    if arch not in open_clip.list_models():
+        return f"unknown open_clip architecture {arch!r}; choose one of the list ({examples})"
+    needs = hub_dependencies(arch)
+    if not needs:
+        return None
+    names = sorted(set(needs.values()))
+    parts = " and ".join(sorted(needs, reverse=True))
+    return (f"the open_clip architecture {arch!r} takes its {parts} from the Hugging Face model "
+            f"{' and '.join(map(repr, names))}, which is not in the weight file: open_clip downloads it into the "
+            f"Hugging Face cache ({_hf_cache_folder()}) while building the model, and offline that fails inside "
+            f"transformers. CLIP models are built here from the weight file alone, so this architecture is not "
+            f"offered; choose one whose tokenizer and text tower come with the file ({examples})")
+
+
 def load_clip(arch: str, weights_path: Optional[str] = None, device="cpu", *,
               quick_gelu: Optional[bool] = None, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """Build the open_clip architecture ``arch`` (e.g. ``"ViT-B-32"``, ``"RN50"``) and load ``weights_path``.
@@ -93,8 +145,9 @@ def load_clip(arch: str, weights_path: Optional[str] = None, device="cpu", *,
     """
     import open_clip
 
-    if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r}; e.g. ViT-B-32, ViT-B-16, ViT-L-14, RN50")
+    problem = clip_arch_problem(arch)
+    if problem:
+        raise ValueError(problem)
     if weights_path is not None and not os.path.isfile(weights_path):
         raise FileNotFoundError(f"CLIP weight file not found: {weights_path!r}")
     if quick_gelu is None:
@@ -162,6 +215,9 @@ def clip_tokenizer(arch: str):
     """open_clip's tokenizer for ``arch`` (the bundled BPE vocabulary for OpenAI-style models: offline)."""
     import open_clip
 
+    problem = clip_arch_problem(arch)
+    if problem:
+        raise ValueError(problem)
     return open_clip.get_tokenizer(arch)
 
 

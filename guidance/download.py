@@ -7,9 +7,10 @@ that publishes it, not guessed:
 
 - open_clip ``pretrained.py`` (``_pcfg(url=...)`` of the ``openai`` tag): OpenAI's CLIP checkpoints. These are
   TorchScript archives, and loading a TorchScript archive runs code stored in it (e.g. a class's ``__setstate__``):
-  ``load_state_dict_file`` hands one to ``torch.jit.load`` only when its SHA-256 equals the full hash OpenAI
-  publishes in the URL, and refuses every other archive. The CLIP loader switches on QuickGELU for them, as
-  open_clip does for the ``openai`` tag.
+  ``load_state_dict_file`` reads such a file into memory once, hashes those bytes and hands the same bytes to
+  ``torch.jit.load`` only when their SHA-256 equals the full hash OpenAI publishes in the URL (so a file swapped
+  on disk after the check is never what gets loaded), and refuses every other archive. The CLIP loader switches on
+  QuickGELU for them, as open_clip does for the ``openai`` tag.
 - torchvision ``models/segmentation/*.py`` (``COCO_WITH_VOC_LABELS_V1``) and ``models/detection/faster_rcnn.py``
   (``FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``).
 - facenet-pytorch ``models/inception_resnet_v1.py`` (``load_weights('vggface2')``): the GitHub release v2.2.9
@@ -21,7 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import os
+import pickle
+import pickletools
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -207,7 +212,6 @@ def is_torchscript_archive(path: str) -> bool:
 
 # Extra trusted TorchScript files, full SHA-256 → name. Empty in use; tests add the hash of an archive they wrote.
 EXTRA_TRUSTED_TORCHSCRIPT: dict = {}
-_SHA_CACHE: dict = {}
 
 
 def trusted_torchscript() -> dict:
@@ -219,17 +223,41 @@ def trusted_torchscript() -> dict:
 
 
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file, remembered per (path, size, modification time) so a file is hashed once per process."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = _sha256(path)
-    return _SHA_CACHE[key]
+    """SHA-256 of a file's current content (hashed afresh on every call: nothing is remembered)."""
+    return _sha256(path)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _one_line(text, limit: int = 200) -> str:
+    """A library's error text made fit for one line of a UI message: ANSI escapes removed, the first non-empty
+    line only, sentences advising ``weights_only`` dropped (this package never loads with it off), shortened."""
+    text = _ANSI.sub("", str(text))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", line) if x and "weights_only" not in x]
+    line = " ".join(sentences) or "unreadable file"
+    return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"
+
+
+def _replace_hint(name: str, folder: str) -> str:
+    """What to do with a file under a standard name that is not the published file."""
+    entry = WEIGHT_FILES[name]
+    return (f"Delete it from {folder!r} and download the published file again from {entry.url} (the nodes "
+            f"download a missing standard file by themselves)")
 
 
 def _untrusted_torchscript(path: str, digest: str) -> RuntimeError:
     name = os.path.basename(path)
-    standard = ", ".join(sorted(set(trusted_torchscript().values())))
+    folder = os.path.dirname(os.path.abspath(path))
+    trusted = trusted_torchscript()
+    expected = next((h for h, n in trusted.items() if n == name and len(h) == 64), None)
+    if expected is not None and name in WEIGHT_FILES:
+        return RuntimeError(
+            f"{name!r} is not OpenAI's {name}: SHA-256 mismatch (expected {expected[:16]}…, found {digest[:16]}…). "
+            f"It is a TorchScript archive, and loading one runs code stored in the file, so it is refused. "
+            f"{_replace_hint(name, folder)}")
+    standard = ", ".join(sorted(set(trusted.values())))
     return RuntimeError(
         f"{name!r} is a TorchScript archive, and loading one runs code stored in the file, so it is refused. Only "
         f"the standard OpenAI CLIP files ({standard}) are read as TorchScript, after their SHA-256 is checked; this "
@@ -240,39 +268,102 @@ def _untrusted_torchscript(path: str, digest: str) -> RuntimeError:
         f"and select the .safetensors file instead")
 
 
+def _pickle_globals(path: str, limit: int = 1 << 20) -> list:
+    """The Python objects (``module.name``) a pickle file refers to, outside torch's own and ``collections``,
+    read by disassembling it (``pickletools``: nothing is executed); best effort, ``[]`` when unreadable."""
+    found = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                inner = [n for n in z.namelist() if n.endswith("data.pkl")]
+                data = z.read(inner[0])[:limit] if inner else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit)
+        stream = io.BytesIO(data)
+        for _ in range(8):  # the legacy torch.save format is several pickles in a row
+            if stream.tell() >= len(data):
+                break
+            strings = []
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 — a damaged or truncated stream: keep what was read
+        pass
+    return [g for g in found if not g.startswith(("torch.", "collections."))]
+
+
+def _code_refusal(path: str, error: Exception) -> str:
+    """One short line for a ``torch.load`` file that ``weights_only=True`` refused: the file holds more than
+    tensors (Python objects, i.e. code run while unpickling) or is not a PyTorch file at all."""
+    name = os.path.basename(path)
+    found = re.search(r"GLOBAL\s+([\w.]+)", _ANSI.sub("", str(error)))
+    what = found.group(1) if found else next(iter(_pickle_globals(path)), None)
+    if what:
+        what = what if len(what) <= 60 else what[:59] + "…"
+        head = (f"{name!r} holds code, not only tensors (loading it would run the Python object {what}), so "
+                f"it is refused.")
+    else:
+        head = f"{name!r} is not a file of tensors only (or it is damaged), so it is refused."
+    if name in WEIGHT_FILES:
+        return f"{head} It is not the published {name}. {_replace_hint(name, os.path.dirname(os.path.abspath(path)))}"
+    return (f"{head} Use a .safetensors file instead: download the .safetensors release of these weights, or "
+            f"convert this file on a machine where you trust it (torch.load, then safetensors.torch.save_file)")
+
+
+def _load_trusted_torchscript(path: str, map_location) -> dict:
+    """Read the archive once, hash exactly those bytes, and load exactly those bytes: nothing is read from the
+    disk again after the check, so a file swapped in meanwhile (same size, same time stamp or not) is never
+    loaded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in trusted_torchscript():
+        raise _untrusted_torchscript(path, digest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = torch.jit.load(io.BytesIO(data), map_location=map_location)
+        except Exception as e:
+            raise RuntimeError(f"cannot read the TorchScript archive {path!r}: {_one_line(e)}") from None
+    del data
+    return {k: v for k, v in module.state_dict().items()}
+
+
 def load_state_dict_file(path: str, *, map_location="cpu") -> dict:
     """Read a state dict from ``.safetensors``, a ``torch.save`` file (``weights_only=True``: tensors only, no
-    arbitrary pickles) or one of the standard OpenAI CLIP TorchScript archives (checked by SHA-256 before it is
-    opened; any other TorchScript archive is refused, since loading one runs its code). ``{"state_dict": ...}`` /
-    ``{"model": ...}`` wrappers and a ``module.`` prefix (DataParallel) are removed. Errors name the file."""
+    arbitrary pickles) or one of the standard OpenAI CLIP TorchScript archives (read once, checked by the SHA-256
+    of the bytes read, loaded from those bytes; any other TorchScript archive is refused, since loading one runs
+    its code). ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and a ``module.`` prefix (DataParallel) are
+    removed. Errors name the file and fit one line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path!r}")
+    name = os.path.basename(path)
     with torch.inference_mode(False):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             try:
                 sd = load_file(path, device=str(map_location))
             except Exception as e:
-                raise RuntimeError(f"cannot read the safetensors file {path!r}: {e}") from e
+                raise RuntimeError(f"cannot read the safetensors file {path!r}: {_one_line(e)}") from None
         elif is_torchscript_archive(path):
-            digest = file_sha256(path)
-            if digest not in trusted_torchscript():
-                raise _untrusted_torchscript(path, digest)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    sd = torch.jit.load(path, map_location=map_location).state_dict()
-                except Exception as e:
-                    raise RuntimeError(f"cannot read the TorchScript archive {path!r}: {e}") from e
-            sd = {k: v for k, v in sd.items()}
+            sd = _load_trusted_torchscript(path, map_location)
         else:
             try:
                 sd = torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise RuntimeError(_code_refusal(path, e)) from None
             except Exception as e:
-                raise RuntimeError(
-                    f"cannot read {path!r} as a PyTorch state dict with weights_only=True (is it a checkpoint "
-                    f"holding only tensors?): {e}") from e
+                if "TorchScript" in str(e):  # became an archive after it was looked at: never load it here
+                    raise _untrusted_torchscript(path, file_sha256(path)) from None
+                raise RuntimeError(f"cannot read {name!r} as a PyTorch weight file ({_one_line(e, 120)}): it is "
+                                   f"damaged or in another format; download it again, or use a .safetensors "
+                                   f"file") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -55,13 +55,25 @@ def _file_arch(name: str, architecture: str, known: list, node: str, input_name:
 
 
 def _clip_archs() -> list:
-    import open_clip
-    return sorted(open_clip.list_models())
+    """The open_clip architectures offered: those built from the weight file alone (no Hugging Face tokenizer or
+    text tower fetched while the model is built)."""
+    from ..guidance.clip import local_clip_archs
+    return local_clip_archs()
 
 
 def _load_clip(node: str, clip_model: str, architecture: str):
+    import open_clip
+
+    from ..guidance.clip import clip_arch_problem
     path = model_files.resolve("ug_clip", clip_model, node, "clip_model")
-    arch = _file_arch(clip_model, architecture, _clip_archs(), node)
+    # Every open_clip name is matched against the file name, so a file of a refused architecture is named as such
+    # (rather than matched to a shorter, wrong prefix such as ViT-B-16 for ViT-B-16-SigLIP-256...).
+    arch = _file_arch(clip_model, architecture, list(open_clip.list_models()), node)
+    problem = clip_arch_problem(arch)
+    if problem:
+        source = (f"'{AUTO}' took the architecture {arch!r} from the file name {clip_model!r}; "
+                  if architecture == AUTO else "")
+        raise GuidanceInputError(f"{node}: input 'architecture': {source}{problem}")
     try:
         return cached_network(("clip", path, arch), lambda: G.load_clip(arch, path))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
