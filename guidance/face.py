@@ -17,6 +17,7 @@ v2.2.9; see ``guidance.download.WEIGHT_FILES``); their 8631-class ``logits`` lay
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -69,15 +70,26 @@ def build_face_detector(device="cpu", **kwargs) -> torch.nn.Module:
     return det
 
 
+def autocast_off(device):
+    """A context without autocast on ``device``'s type (nothing to switch off where that type has no autocast)."""
+    kind = torch.device(device).type
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and not is_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
 def detect_faces(detector, image: torch.Tensor) -> list:
     """One box ``(x0, y0, x1, y1)`` in pixels (or ``None``) per image of ``image [B,3,H,W]`` in [0, 1].
 
-    Runs without gradient on a rounded 0–255 copy (what MTCNN was made for). Images are detected one at a time
-    (facenet-pytorch's batched path stacks ragged NumPy arrays, which newer NumPy rejects).
+    Runs without gradient on a rounded 0–255 fp32 copy (what MTCNN was made for), in fp32 even inside an autocast
+    region: facenet-pytorch turns the networks' outputs into NumPy arrays (no bf16 there) and picks boxes by
+    thresholds and NMS that half precision would shift. Images are detected one at a time (facenet-pytorch's
+    batched path stacks ragged NumPy arrays, which newer NumPy rejects).
     """
-    pixels = rgb_uint8_hwc(image).to(getattr(detector, "device", image.device))
+    pixels = rgb_uint8_hwc(image).to(getattr(detector, "device", image.device)).float()
     boxes = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off(pixels.device):
         for b in range(pixels.shape[0]):
             found, _ = detector.detect(pixels[b:b + 1])
             box = found[0] if found is not None and len(found) else None

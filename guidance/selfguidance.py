@@ -319,7 +319,7 @@ def heat_map(internals: Internals, tokens: Sequence[int], layers=None,
     """``[B, H, W]`` in [0, 1]: the tokens' maps averaged over layers (for ``"auto"``: the most compact ones, as the
     losses use them) and tokens, min-max normalised, resized."""
     maps = internals.token_maps(tokens, None if layers in (None, AUTO) else layers)
-    w = compact_layers(maps) if layers == AUTO else torch.ones(len(maps), *maps[0].shape[::3])  # [L, B, K]
+    w = compact_layers(maps) if layers == AUTO else maps[0].new_ones(len(maps), *maps[0].shape[::3])  # [L, B, K]
     stacked = torch.stack([normalize(m) for m in maps])                      # [L, B, H, W, K]
     weights = w[:, :, None, None, :]
     heat = ((stacked * weights).sum(dim=(0, 4)) / weights.sum(dim=(0, 4)).clamp_min(1.0))

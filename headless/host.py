@@ -32,20 +32,48 @@ def default_comfyui_path() -> str | None:
     return path if os.path.isdir(path) else None
 
 
+# The name ComfyUI gave the pack's package when a Host loaded it, by the real path of the pack's __init__.py.
+_LOADED_PACKS: dict[str, str] = {}
+
+
+def _init_file(pack_dir: str) -> str:
+    return os.path.realpath(os.path.join(pack_dir, "__init__.py"))
+
+
+def _copies_of_pack(init: str) -> dict:
+    """Every package in ``sys.modules`` made from the pack's ``__init__.py``, by module name."""
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        # pytest may also import the same file as a plain module "__init__" (in a folder whose name is not an
+        # identifier), which has no submodules: only packages count.
+        if path and os.path.realpath(path) == init and hasattr(module, "__path__"):
+            found[module_name] = module
+    return found
+
+
 def pack_module(name: str = ""):
     """A module of the pack as ComfyUI loaded it (the copy the nodes use): ``<package>.<name>``.
 
-    The package's name is ``ComfyUI-UniversalGuidance`` on 2024-03 hosts and the folder's path on current ones, so
-    it is found by file, not by name."""
-    init = os.path.realpath(os.path.join(PACK_DIR, "__init__.py"))
-    for module_name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        # ComfyUI loads the pack as a package; pytest may also import the same file as a plain module "__init__"
-        # (in a folder whose name is not an identifier), which has no submodules.
-        if path and os.path.realpath(path) == init and hasattr(module, "__path__"):
-            import importlib
-            return importlib.import_module(module_name + ("." + name if name else "")) if name else module
-    raise RuntimeError("the Universal Guidance pack is not loaded: boot a headless.host.Host first")
+    The package's name is ``ComfyUI-UniversalGuidance`` on 2024-03 hosts and the folder's path on current ones.
+    Other copies of the same file may be loaded too: pytest imports the checkout's ``__init__.py`` as a package
+    named after the checkout's folder (e.g. ``main``) when that name is an identifier, a copy ComfyUI never uses.
+    So the copy is the one a ``Host`` saw ComfyUI load; without a record, the one that registered nodes."""
+    init = _init_file(PACK_DIR)
+    copies = _copies_of_pack(init)
+    module_name = _LOADED_PACKS.get(init)
+    if module_name not in copies:
+        with_nodes = [n for n, m in copies.items() if getattr(m, "NODE_CLASS_MAPPINGS", None)]
+        module_name = with_nodes[0] if len(with_nodes) == 1 else None
+        if module_name is None:
+            state = (f"{len(with_nodes)} copies of it registered nodes ({', '.join(with_nodes)})" if with_nodes
+                     else "no copy of it registered nodes")
+            raise RuntimeError(f"the Universal Guidance pack is not loaded ({state}): boot a headless.host.Host "
+                               f"first")
+    if not name:
+        return copies[module_name]
+    import importlib
+    return importlib.import_module(f"{module_name}.{name}")
 
 
 def _run(value):
@@ -138,10 +166,14 @@ class Host:
         link = os.path.join(custom, PACK_NAME)
         if not os.path.exists(link):
             os.symlink(pack_dir, link, target_is_directory=True)
-        before = set(nodes.NODE_CLASS_MAPPINGS)
+        before, modules_before = set(nodes.NODE_CLASS_MAPPINGS), set(sys.modules)
         ok = _run(nodes.load_custom_node(link))
         if ok is False or not (set(nodes.NODE_CLASS_MAPPINGS) - before):
             raise RuntimeError(f"ComfyUI did not load the pack from {link}; see the log above")
+        init = _init_file(pack_dir)
+        loaded = [n for n in _copies_of_pack(init) if n not in modules_before]
+        if len(loaded) == 1:  # the package ComfyUI made (its name differs between ComfyUI versions)
+            _LOADED_PACKS[init] = loaded[0]
         self.server = _ServerStub()
         self.executor = execution.PromptExecutor(self.server)
         import comfy.model_management

@@ -5,7 +5,8 @@
 
 * ``--set NODE_ID.INPUT=VALUE`` (repeatable) changes an input after the UI → API conversion; VALUE is read as
   JSON when it parses (``42``, ``0.5``, ``true``, ``"text"``, ``["4", 0]`` for a link), else as a plain string.
-  An image input (LoadImage) given the path of an existing file gets that file copied into the input folder.
+  An image input (LoadImage) given the path of an existing file gets that file copied into the input folder;
+  a value that is neither a file nor an image of the input folder is a bad --set.
 * ``--models DIR`` (repeatable): a model root with ComfyUI's layout (``DIR/checkpoints``, ``DIR/vae``, ...); each
   sub-folder is added to ComfyUI's search paths (``folder_paths``).
 * The images the workflow saves (SaveImage) are written into ``--out``; previews (PreviewImage) are copied there.
@@ -150,16 +151,13 @@ def check_files_and_combos(prompt: dict, info: dict) -> list[str]:
                 continue
             where = f"node {nid} ({entry['class_type']}) input '{name}'"
             if input_options(spec).get("image_upload"):
-                if os.sep in str(value):  # a path given with --set that is not a file
-                    errors.append(f"{where}: no image file at {value!r}; check the path given with --set")
-                else:
-                    errors.append(f"{where}: image file {value!r} not found in the input folder "
-                                  f"{folder_paths.get_input_directory()}; put it there, or pass its path with "
-                                  f"--set {nid}.{name}=/path/to/{value}{_example_hint(value)}")
+                errors.append(f"{where}: image file {value!r} not found in the input folder "
+                              f"{folder_paths.get_input_directory()}; put it there, or pass its path with "
+                              f"--set {nid}.{name}=/path/to/{value}{_example_hint(value)}")
                 continue
             kind = model_folder(folder_paths, name, values)
             if kind is not None:
-                dirs = folder_paths.get_folder_paths(kind)
+                dirs = unique_paths(folder_paths.get_folder_paths(kind))
                 errors.append(f"{where}: model file {value!r} not found. Put it into the '{kind}' model folder "
                               f"(one of: {', '.join(dirs)}), or pass --models DIR with DIR/{kind}/{value}. "
                               f"Files there now: {', '.join(map(str, values[:20])) or 'none'}"
@@ -196,6 +194,17 @@ def validation_message(prompt: dict, info: dict, error, node_errors: dict) -> st
     return "the workflow does not validate:\n  " + "\n  ".join(lines or [str(error)])
 
 
+def unique_paths(paths: list[str]) -> list[str]:
+    """``paths`` without repeats of one folder (however written: relative, absolute, with ``..``), in order."""
+    seen, out = set(), []
+    for p in paths:
+        key = os.path.normcase(os.path.realpath(p))
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def apply_sets(prompt: dict, info: dict, sets: list[str], input_dir: str):
     for item in sets:
         nid, name, value = parse_set(item)
@@ -209,11 +218,16 @@ def apply_sets(prompt: dict, info: dict, sets: list[str], input_dir: str):
                      for n in (info[entry["class_type"]]["input"].get(s) or {})]
             raise RunError(f"--set {item!r}: node {nid} ({entry['class_type']}) has no input '{name}'; "
                            f"its inputs: {', '.join(names)}", EXIT_SETUP)
-        if input_options(spec).get("image_upload") and isinstance(value, str) and os.path.isfile(value):
-            target = os.path.join(input_dir, os.path.basename(value))
-            if os.path.abspath(value) != os.path.abspath(target):
-                shutil.copyfile(value, target)
-            value = os.path.basename(value)
+        if input_options(spec).get("image_upload") and isinstance(value, str):
+            if os.path.isfile(value):
+                target = os.path.join(input_dir, os.path.basename(value))
+                if os.path.abspath(value) != os.path.abspath(target):
+                    shutil.copyfile(value, target)
+                value = os.path.basename(value)
+            elif value not in (combo_values(spec) or []):
+                raise RunError(f"--set {item!r}: no image file at {value!r} (from {os.getcwd()}), and the input "
+                               f"folder {input_dir} has no image of that name; pass the path of an existing "
+                               f"image file", EXIT_SETUP)
         entry["inputs"][name] = value
 
 
@@ -221,13 +235,16 @@ def add_model_roots(folder_paths, roots: list[str]):
     for root in roots:
         if not os.path.isdir(root):
             raise RunError(f"--models {root!r}: not a folder", EXIT_SETUP)
+        root = os.path.abspath(root)
         for sub in sorted(os.listdir(root)):
             path = os.path.join(root, sub)
             if not os.path.isdir(path):
                 continue
             kinds = [k for k in (sub, FOLDER_ALIASES.get(sub)) if k in folder_paths.folder_names_and_paths]
             for kind in kinds or [sub]:
-                folder_paths.add_model_folder_path(kind, path)
+                known = folder_paths.folder_names_and_paths.get(kind, ([], None))[0]
+                if os.path.realpath(path) not in {os.path.realpath(p) for p in known}:  # the host may be booted
+                    folder_paths.add_model_folder_path(kind, path)                     # with this root already
 
 
 class _Lines(logging.Handler):
@@ -371,8 +388,9 @@ def _run_on(host, workflow: dict, args, stream) -> int:
         pack_log = logging.getLogger("universal_guidance")
         lines = _Lines(stream)
         pack_log.addHandler(lines)
-        level = pack_log.level
+        level, propagate = pack_log.level, pack_log.propagate
         pack_log.setLevel(logging.INFO)
+        pack_log.propagate = False  # printed once, as a [run] line (not again by ComfyUI's console handler)
         start = time.monotonic()
         try:
             # The executor reports node starts only to a client.
@@ -382,6 +400,7 @@ def _run_on(host, workflow: dict, args, stream) -> int:
             server.send_sync = original_send
             pack_log.removeHandler(lines)
             pack_log.setLevel(level)
+            pack_log.propagate = propagate
         if not result.success:
             err = result.error() or {}
             if result.interrupted:

@@ -126,6 +126,36 @@ def pack_nodes(host):
     return module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS
 
 
+def test_pack_module_is_the_copy_comfyui_loaded_whatever_the_folder_name(host, monkeypatch):
+    """In a checkout whose folder name is an identifier (e.g. ``main``), pytest imports the root ``__init__.py`` as
+    a package of that name before ComfyUI boots: a copy without nodes, earlier in ``sys.modules`` than the one
+    ComfyUI loaded. ``pack_module`` must still return ComfyUI's copy (and its submodules)."""
+    import types
+
+    from headless import host as host_module
+    real = pack_module()
+    assert real.NODE_CLASS_MAPPINGS, "the pack loaded no nodes in the test host"
+    real_name = next(n for n, m in sys.modules.items() if m is real)
+    fakes = {}
+    for fake_name, mappings in (("ug_plain_copy", {}), ("ug_second_copy", {"UniversalGuidanceImage": object})):
+        fake = types.ModuleType(fake_name)
+        fake.__file__, fake.__path__ = os.path.join(ROOT, "__init__.py"), [ROOT]
+        fake.NODE_CLASS_MAPPINGS = mappings
+        fakes[fake_name] = fake
+    monkeypatch.setitem(sys.modules, "ug_plain_copy", fakes["ug_plain_copy"])
+    sys.modules[real_name] = sys.modules.pop(real_name)  # the plain copy now comes first
+    assert pack_module() is real
+    assert pack_module("nodes.comfy_bridge") is sys.modules[real_name + ".nodes.comfy_bridge"]
+    monkeypatch.setitem(sys.modules, "ug_second_copy", fakes["ug_second_copy"])
+    assert pack_module() is real  # the copy ComfyUI loaded, recorded when the host booted
+    monkeypatch.setattr(host_module, "_LOADED_PACKS", {})  # without a record: the one copy that registered nodes
+    del sys.modules["ug_second_copy"]
+    assert pack_module() is real
+    sys.modules["ug_second_copy"] = fakes["ug_second_copy"]
+    with pytest.raises(RuntimeError, match="2 copies of it registered nodes"):
+        pack_module()
+
+
 def test_server_listens_on_loopback_only(server):
     with open(server.log, encoding="utf-8", errors="replace") as f:
         text = f.read()

@@ -50,6 +50,8 @@ def test_runs_image_workflow_and_writes_images(host, tmp_path, inputs):
     # the sampler's summary line, as the README promises
     assert "[run] Universal Guidance: 2 steps, 2 iterations, 2 denoiser backward passes, 2 guided decodes in" \
         in proc.stdout, proc.stdout[-2000:]
+    # ... once: not again by ComfyUI's console log handler
+    assert (proc.stdout + proc.stderr).count("Universal Guidance: 2 steps, 2 iterations") == 1, proc.stderr[-2000:]
     assert (tmp_path / "in" / wfiles.REFERENCE).is_file()  # the image path was copied into the input folder
 
 
@@ -94,6 +96,34 @@ def test_missing_model_file_names_file_and_folder(host, tmp_path, capsys):
             "not found. Put it into the 'checkpoints' model folder") in err
     assert host.model_dir("checkpoints") in err
     assert "node 11 (LoadImage) input 'image': image file 'example.png' not found in the input folder" in err
+
+
+def test_missing_model_file_lists_each_folder_once(host, tmp_path, capsys):
+    """--models naming a root the host already searches (here relative, the host's absolute), given twice and in two
+    runs: each folder is listed once."""
+    root = os.path.relpath(wfiles.TINY_MODELS_ROOT)
+    for _ in range(2):
+        code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path / "out"), "--models", root,
+                                               "--models", wfiles.TINY_MODELS_ROOT,
+                                               "--set", "1.ckpt_name=not-there.safetensors"])
+        assert code == runner.EXIT_INVALID
+        line = next(x for x in err.splitlines() if "'not-there.safetensors' not found" in x)
+        folders = line.split("(one of: ", 1)[1].split("), or pass --models", 1)[0].split(", ")
+        real = [os.path.realpath(f) for f in folders]
+        assert len(set(real)) == len(real), folders
+        assert os.path.realpath(os.path.join(wfiles.TINY_MODELS_ROOT, "checkpoints")) in real
+        assert host.model_dir("checkpoints") in folders
+
+
+@pytest.mark.parametrize("value", ["{tmp}/no-such-folder/photo.png", "no-such-photo.png"])
+def test_set_image_that_does_not_exist_is_a_usage_error(host, tmp_path, capsys, value):
+    """A --set image that is neither a file nor an image of the input folder is a bad --set (exit 2), named."""
+    value = value.format(tmp=tmp_path)
+    code, _, err = run_here(host, capsys, [IMAGE_WF, "--out", str(tmp_path / "out"), "--input", str(tmp_path / "in"),
+                                           "--set", f"1.ckpt_name={CHECKPOINT}", "--set", f"11.image={value}"])
+    assert code == runner.EXIT_SETUP, err
+    assert f"--set '11.image={value}': no image file at {value!r}" in err
+    assert f"the input folder {tmp_path / 'in'} has no image of that name" in err
 
 
 @pytest.mark.parametrize("setting, expected", [
