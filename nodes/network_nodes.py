@@ -91,8 +91,20 @@ def _clip_inputs() -> dict:
     }
 
 
-class UniversalGuidanceCLIPText(LossNode):
+class ClipNode(LossNode):
+    """A loss node with a CLIP model and architecture (text and style)."""
+
     FILE_INPUTS = {"clip_model": "ug_clip"}
+
+    @classmethod
+    def list_problem(cls, name: str, value):
+        if name == "architecture" and isinstance(value, str):
+            from ..guidance.clip import clip_arch_problem
+            return clip_arch_problem(value)
+        return super().list_problem(name, value)
+
+
+class UniversalGuidanceCLIPText(ClipNode):
     NAME = "UG CLIP Text Guidance"
     DESCRIPTION = "Pulls the image towards a text prompt: −cosine similarity of CLIP image and text embeddings."
 
@@ -131,8 +143,7 @@ class UniversalGuidanceCLIPText(LossNode):
         return add_term(node, guidance, "clip_text", loss, weight, start_percent, end_percent, augment)
 
 
-class UniversalGuidanceStyle(LossNode):
-    FILE_INPUTS = {"clip_model": "ug_clip"}
+class UniversalGuidanceStyle(ClipNode):
     NAME = "UG Style Guidance"
     DESCRIPTION = ("Pulls the image towards the style of a reference image: −cosine of CLIP image embeddings "
                    "(paper), optionally plus a Gram-matrix loss on CLIP features.")

@@ -143,8 +143,8 @@ def check_guidance(node: str, guidance) -> Guidance:
             f"(e.g. 'UG Image Guidance') to it, or use the stock KSampler for unguided sampling.")
     if all(t.weight == 0 for t in guidance.terms):
         raise GuidanceInputError(
-            f"{node}: input 'guidance': every guidance term has weight 0, so nothing would be guided; "
-            f"give at least one term a non-zero weight")
+            f"{node}: input 'guidance': every guidance term ({', '.join(t.name for t in guidance.terms)}) has "
+            f"'weight' 0, so nothing would be guided; give at least one loss node a non-zero 'weight'")
     return guidance
 
 

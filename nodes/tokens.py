@@ -67,8 +67,8 @@ def token_positions(clip, prompt: str, words: str, node: str, input_name: str = 
                     if q_ids and [t for _, t in content[i:i + len(q_ids)]] == q_ids]
             if not hits:
                 raise GuidanceInputError(
-                    f"{node}: input '{input_name}': {query!r} is not in the prompt; the prompt's words are "
-                    f"{', '.join(repr(w) for w in prompt_words(prompt))}")
+                    f"{node}: input '{input_name}': {query!r} is not in the prompt; the words of input 'prompt' "
+                    f"are {', '.join(repr(w) for w in prompt_words(prompt))}")
             positions.update(pos for hit in hits for pos, _ in hit)
         found[key] = sorted(positions)
     values = list(found.values())

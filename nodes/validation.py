@@ -78,22 +78,21 @@ def value_problem(value, kind, options: dict):
     return None
 
 
-def widget_problems(input_types: dict, values: dict, files: dict = None, final: bool = False) -> list:
-    """``"input 'name': …"`` for every widget value in ``values`` that breaks its type, range or list.
+def widget_problems(input_types: dict, values: dict, list_problem=None, final: bool = False) -> dict:
+    """``{name: problem}`` for every widget value in ``values`` that breaks its type, range or list.
 
-    ``files``: ``{input name: model_files key}`` of the combos that list model files; a file not in the list is
-    told where it should be. ``final``: the values the node runs with, where None (JSON null) is no value."""
-    problems = []
+    ``list_problem(name, value)``: a more helpful message for a value that is not in a combo's list, or None.
+    ``final``: the values the node runs with, where None (JSON null) is no value."""
+    problems = {}
     for name, (kind, options) in widget_specs(input_types).items():
         if final and name in values and values[name] is None:
-            problems.append(f"input '{name}': has no value (null); give it one")
+            problems[name] = "has no value (null); give it one"
             continue
         problem = value_problem(values.get(name), kind, options)
-        if problem and name in (files or {}) and isinstance(values.get(name), str):
-            from . import model_files
-            problem = model_files.missing_file(files[name], values[name])
+        if problem and list_problem is not None and isinstance(kind, (list, tuple)):
+            problem = list_problem(name, values.get(name)) or problem
         if problem:
-            problems.append(f"input '{name}': {problem}")
+            problems[name] = problem
     return problems
 
 
@@ -102,8 +101,8 @@ def check(cls, values: dict, final: bool = False) -> list:
     (run only on values that passed the widget rules; the others are passed as None, i.e. not known).
     ``final``: the values the node runs with (at validation, None means not known yet)."""
     input_types = cls.INPUT_TYPES()
-    found = widget_problems(input_types, values, getattr(cls, "FILE_INPUTS", None), final)
-    bad = {p.split("'")[1] for p in found}
+    bad = widget_problems(input_types, values, getattr(cls, "list_problem", None), final)
+    found = [f"input '{name}': {problem}" for name, problem in bad.items()]
     known = {k: (None if k in bad else v) for k, v in values.items()}
     own = getattr(cls, "problems", None)
     if own is not None:
@@ -176,6 +175,15 @@ class CheckedNode:
     @classmethod
     def problems(cls, values: dict) -> list:
         return []
+
+    @classmethod
+    def list_problem(cls, name: str, value):
+        """What to say of a value not in the list of combo ``name`` (None: the generic message). A model file
+        that is not there is told which folders are searched."""
+        if name in cls.FILE_INPUTS and isinstance(value, str):
+            from . import model_files
+            return model_files.missing_file(cls.FILE_INPUTS[name], value)
+        return None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -100,7 +100,7 @@ def _sg(class_type, **extra):
                                                  "layers": "all", **_window(4.0), "end_percent": 1.0, **extra}}
 
 
-NORMALIZED = {"strength_mode": "normalized", "forward_strength": 0.5}
+NORMALIZED = {"strength_mode": "normalized", "forward_strength": 0.5, "cfg": 1.0}  # cfg 1: one model call
 
 
 def base_prompt(class_type: str, nets) -> tuple:
@@ -141,14 +141,19 @@ def base_prompt(class_type: str, nets) -> tuple:
     sg = {
         "UniversalGuidanceSGMove": _sg(class_type, mode="to (x, y)", x=0.2, y=0.5),
         "UniversalGuidanceSGResize": _sg(class_type, factor=2.0),
-        "UniversalGuidanceSGKeepLayout": _sg(class_type),
-        "UniversalGuidanceSGKeepAppearance": _sg(class_type),
+        # keeping what the unguided twin has changes nothing on its own: keep a reference's layout, and keep the
+        # appearance while Move edits
+        "UniversalGuidanceSGKeepLayout": {**_sg(class_type), "inputs": {**_sg(class_type)["inputs"],
+                                                                        "reference": ["12", 0]}},
+        "UniversalGuidanceSGKeepAppearance": {**_sg(class_type), "inputs": {**_sg(class_type)["inputs"],
+                                                                            "guidance": ["13", 0]}},
         "UniversalGuidanceSGAppearanceTransfer": {**_sg(class_type), "inputs": {
             **_sg(class_type)["inputs"], "reference": ["12", 0]}},
     }
     if class_type in sg:
         nodes_ = {"10": sg[class_type],
-                  "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2]}}}
+                  "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2]}},
+                  "13": _sg("UniversalGuidanceSGMove", mode="to (x, y)", x=0.2, y=0.5)}
         return _graph(nodes_, ["10", 0], **NORMALIZED), "10", "5"
     if class_type == "UniversalGuidanceAttentionMap":
         p = prompts.base(CHECKPOINT, size=SIZE)
@@ -175,6 +180,15 @@ MALFORMED = {
               ("outside image", "2,2,900,20,person")],
     "words": [("word not in prompt", "zebra"), ("only commas", ",,,")],
 }
+
+
+def as_converted(kind, value):
+    """A required INT/FLOAT value as ComfyUI's validator converts it before anything else sees it (None if it
+    cannot)."""
+    try:
+        return {"INT": int, "FLOAT": float}[kind](value) if kind in ("INT", "FLOAT") else value
+    except (TypeError, ValueError, OverflowError, KeyError):
+        return None
 
 
 def bad_values(name: str, kind) -> list:
@@ -230,7 +244,7 @@ def execute(host, prompt: dict):
     return ("ok", CaptureTensor.seen[-1], handler.lines)
 
 
-SAID_UNGUIDED = ("nothing was guided", "was not guided", "unguided", "no step of", "every guidance update")
+SAID_UNGUIDED = ("nothing was guided", "nothing was sampled", "was not guided", "unguided", "no step of", "every guidance update")
 
 
 def classify(host, prompt, node_id, node_name, input_name, off_id, unguided_cache: dict, base=None) -> str:
@@ -243,7 +257,8 @@ def classify(host, prompt, node_id, node_name, input_name, off_id, unguided_cach
         return f"UNCLEAR validation error: {text or error}"[:400]
     if got[0] == "run error":
         _, where, text = got
-        if (f"'{input_name}'" in text) and (node_name in text or where == node_id):
+        # named by this node, or by the sampler it feeds (e.g. every term's 'weight' 0: nothing to guide)
+        if (f"'{input_name}'" in text) and (node_name in text or where in (node_id, off_id)):
             return "refused at run"
         return f"UNCLEAR run error at node {where}: {text}"[:400]
     _, out, lines = got
@@ -251,9 +266,13 @@ def classify(host, prompt, node_id, node_name, input_name, off_id, unguided_cach
         return "SILENT: non-finite output reported as success"
     if off_id is None:
         return "ran"
-    off = fresh(prompt)
-    if base is not None and node_id != off_id:  # the term's inputs do not matter with guidance off
-        off[node_id]["inputs"] = dict(base[node_id]["inputs"])
+    # The unguided twin: the valid prompt with guidance off, carrying the case's value only where it changes
+    # unguided sampling too (seed, steps, cfg, …; not a guidance knob, not a term's input).
+    knobs = pack_module("nodes.sampler_nodes")
+    off = fresh(base if base is not None else prompt)
+    guidance_only = set(knobs.GUIDANCE_KNOBS) | set(knobs.ADVANCED_KNOBS)
+    if node_id == off_id and input_name not in guidance_only and input_name in prompt[node_id]["inputs"]:
+        off[off_id]["inputs"][input_name] = prompt[node_id]["inputs"][input_name]
     off[off_id]["inputs"]["forward_strength"] = 0.0
     off[off_id]["inputs"]["backward_steps"] = 0
     key = repr(sorted((k, repr(sorted(v["inputs"].items()))) for k, v in off.items()))
@@ -314,12 +333,17 @@ def test_every_bad_widget_value_is_refused_or_handled(fuzz_host, nets, table, cl
     baseline = classify(host, prompt, node_id, cls.NAME, "-", off_id, unguided)
     assert baseline in ("ran, guided", "ran"), f"the valid base prompt of {class_type} does not run guided: {baseline}"
     silent = []
+    required = cls.INPUT_TYPES().get("required", {})
     for name, (kind, _) in specs.items():
         for label, value in bad_values(name, kind):
             case = fresh(prompt)
             case[node_id]["inputs"][name] = value
             started = time.perf_counter()
-            outcome = classify(host, case, node_id, cls.NAME, name, off_id, unguided, base=prompt)
+            if name in required and as_converted(kind, value) == prompt[node_id]["inputs"].get(name, object()):
+                # ComfyUI's own conversion (int(), float()) makes it the valid prompt: it runs as that one did
+                outcome = f"ran as the valid prompt ({as_converted(kind, value)!r} after ComfyUI's conversion)"
+            else:
+                outcome = classify(host, case, node_id, cls.NAME, name, off_id, unguided, base=prompt)
             table.append((cls.NAME, name, label, outcome, f"{time.perf_counter() - started:.2f}"))
             if outcome.startswith(("SILENT", "UNCLEAR")):
                 silent.append((name, label, outcome))
