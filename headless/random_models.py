@@ -49,13 +49,8 @@ def _meta_shapes(module: torch.nn.Module) -> dict:
 
 
 def unet_state_dict(generator, config: dict | None = None):
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    import comfy.ops
-    cfg = dict(config or UNET_CONFIG)
-    with torch.device("meta"):
-        unet = UNetModel(**cfg, operations=comfy.ops.disable_weight_init)
     # A smaller output layer keeps the random ε-prediction O(1).
-    return _fill(_meta_shapes(unet), generator, out_scale={"out.2.": 0.2})
+    return _fill(_meta_shapes_of_unet(dict(config or UNET_CONFIG)), generator, out_scale={"out.2.": 0.2})
 
 
 def vae_state_dict(generator):
@@ -292,3 +287,80 @@ def write_vae16(path: str, seed: int = 1, dtype=torch.float16) -> str:
 def write_clip_l(path: str, seed: int = 2) -> str:
     """A CLIP-L text encoder file (Hugging Face naming, as clip_l.safetensors), for CLIPLoader."""
     return _save(clip_text_state_dict(torch.Generator().manual_seed(seed), CLIP_L_PROJ), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Add-ons of the tiny SD1.5 checkpoint: a ControlNet and a LoRA, in the formats the stock ControlNetLoader and
+# LoraLoader read.
+# ---------------------------------------------------------------------------------------------------------------
+
+def controlnet_state_dict(generator, config: dict | None = None, hint_channels: int = 3,
+                          zero_conv_scale: float = 0.5) -> dict:
+    """A ControlNet for the UNet of ``config`` (lllyasviel's ``cldm`` layout: the UNet's input and middle blocks,
+    the hint encoder, one zero convolution per input block and the middle-block output), keys prefixed
+    ``control_model.`` as in the original ``.pth``/``.safetensors`` releases. The zero convolutions are random
+    (``zero_conv_scale`` of fan-in scaling) instead of zero, so the control has an effect."""
+    from comfy.cldm.cldm import ControlNet
+    import comfy.ops
+    cfg = {k: v for k, v in dict(config or UNET_CONFIG).items() if k != "out_channels"}
+    with torch.device("meta"):
+        net = ControlNet(**cfg, hint_channels=hint_channels, operations=comfy.ops.disable_weight_init)
+    sd = _fill(_meta_shapes(net), generator, out_scale={"zero_convs.": zero_conv_scale,
+                                                        "middle_block_out.": zero_conv_scale})
+    return {"control_model." + k: v for k, v in sd.items()}
+
+
+def write_controlnet(path: str, seed: int = 3, dtype=torch.float16) -> str:
+    """A ControlNet file for the tiny SD1.5 checkpoint (``models/controlnet``), random weights."""
+    g = torch.Generator().manual_seed(seed)
+    return _save({k: v.to(dtype) for k, v in controlnet_state_dict(g).items()}, path)
+
+
+LORA_UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+LORA_CLIP_LAYERS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
+                    "mlp_fc2")
+
+
+def lora_state_dict(generator, config: dict | None = None, rank: int = 4, scale: float = 0.2,
+                    clip_layers: int = CLIP_L["layers"]) -> dict:
+    """A LoRA for the tiny SD1.5 checkpoint in kohya's naming (``lora_unet_<diffusers name>`` and
+    ``lora_te_text_model_encoder_layers_<i>_<name>``, each with ``lora_down.weight``, ``lora_up.weight`` and
+    ``alpha``) on the attention, projection and feed-forward layers. Each update up·down·alpha/rank is about
+    ``scale`` times the size of the weight it changes."""
+    import comfy.utils
+    cfg = dict(config or UNET_CONFIG)
+    unet_shapes = _meta_shapes_of_unet(cfg)
+    diffusers = comfy.utils.unet_to_diffusers(cfg)  # diffusers name -> ComfyUI (ldm) name
+    targets = {}
+    for name, ldm in diffusers.items():
+        stem = name[:-len(".weight")] if name.endswith(".weight") else None
+        if stem and stem.endswith(LORA_UNET_LAYERS) and ldm in unet_shapes:
+            targets["lora_unet_" + stem.replace(".", "_")] = tuple(unet_shapes[ldm])
+    w, m = CLIP_L["width"], CLIP_L["mlp"]
+    for i in range(clip_layers):
+        for layer in LORA_CLIP_LAYERS:
+            shape = (m, w) if layer == "mlp_fc1" else (w, m) if layer == "mlp_fc2" else (w, w)
+            targets[f"lora_te_text_model_encoder_layers_{i}_{layer}"] = shape
+    sd = {}
+    for key, shape in targets.items():
+        out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+        down = torch.randn((rank, in_dim) + kernel, generator=generator) / math.sqrt(in_dim * math.prod(kernel))
+        up = torch.randn((out_dim, rank) + (1,) * len(kernel), generator=generator) * scale / math.sqrt(rank)
+        sd[key + ".lora_down.weight"] = down
+        sd[key + ".lora_up.weight"] = up
+        sd[key + ".alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def _meta_shapes_of_unet(config: dict) -> dict:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+    with torch.device("meta"):
+        unet = UNetModel(**config, operations=comfy.ops.disable_weight_init)
+    return _meta_shapes(unet)
+
+
+def write_lora(path: str, seed: int = 4, dtype=torch.float16) -> str:
+    """A LoRA file for the tiny SD1.5 checkpoint (``models/loras``), random weights."""
+    g = torch.Generator().manual_seed(seed)
+    return _save({k: v.to(dtype) for k, v in lora_state_dict(g).items()}, path)

@@ -4,7 +4,9 @@
   ``inference_mode(False)`` with inputs cloned to normal tensors.
 * Inference-tensor weights: the stock loaders create weights as inference tensors, which autograd cannot save.
   ``TrainableWeights`` swaps them for normal, frozen copies for the duration of one run and puts the originals
-  back afterwards (the cached, shared model is left as it was).
+  back afterwards (the cached, shared model is left as it was). The same holds for every network that runs inside
+  the denoiser call: the conditioning's ControlNets / T2I adapters and modules held by other packs' model patches
+  (``added_modules``).
 * The 2024-03 UNet's in-place ``x += n`` in its transformer block: on such hosts the activations the denoiser
   saves for backward are copied (``saved_tensor_guard``, around the denoiser call only).
 * Differentiable decode: ``first_stage_model.decode`` on ``process_latent_out`` latents, mapped [-1,1]→[0,1]
@@ -160,13 +162,15 @@ def _model_has_inplace_residual(base_model) -> bool:
     return _inplace_by_type[type(net)]
 
 
-def saved_tensor_guard(base_model=None):
+def saved_tensor_guard(base_model=None, control: bool = False):
     """Copy the activations saved for backward where the denoiser modifies them in place afterwards: the UNet of
-    hosts before 2025-06, and Flux-style blocks (``base_model``) on every host.
+    hosts before 2025-06, Flux-style blocks (``base_model``) on every host, and any model given a ControlNet's or
+    T2I adapter's ``control`` (every host's UNet adds it in place to block outputs the next block has saved).
 
     Wrap the denoiser call only: the decoder and the guidance networks need no copies.
     """
-    if _host_has_inplace_residual() or (base_model is not None and _model_has_inplace_residual(base_model)):
+    if control or _host_has_inplace_residual() or (base_model is not None and
+                                                    _model_has_inplace_residual(base_model)):
         return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
     return contextlib.nullcontext()
 
@@ -226,6 +230,57 @@ def _previewer(base_model, device):
         return latent_preview.get_previewer(device, base_model.latent_format)
     except Exception:  # previews are a nicety, never a failure
         return None
+
+
+def _modules_in(obj) -> list:
+    """``obj`` if it is a module, else the modules among its attributes (one level: a patch object or a
+    ControlNet holding its network)."""
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    attrs = getattr(obj, "__dict__", None) or {}
+    return [v for v in attrs.values() if isinstance(v, torch.nn.Module)]
+
+
+def _control_objects(model, extra_args: dict) -> list:
+    """The ControlNets / T2I adapters of the run's conditioning, each chain followed through
+    ``previous_controlnet``. The conds are in the sampler's ``extra_args`` (ComfyUI before the guider classes,
+    2024-04) or on the guider (``model.inner_model.conds``, processed for this run)."""
+    lists = [extra_args.get("cond"), extra_args.get("uncond")]
+    conds = getattr(getattr(model, "inner_model", None), "conds", None)
+    if isinstance(conds, dict):
+        lists += list(conds.values())
+    found = []
+    for entries in lists:
+        for entry in entries or []:
+            control = entry.get("control") if isinstance(entry, dict) else None
+            while control is not None and not any(control is f for f in found):
+                found.append(control)
+                control = getattr(control, "previous_controlnet", None)
+    return found
+
+
+def _patch_objects(model_options: dict) -> list:
+    """The callables other packs installed in ``transformer_options`` (``patches`` lists, ``patches_replace``
+    dicts), e.g. an attention replacement."""
+    topts = (model_options or {}).get("transformer_options", {}) or {}
+    found = []
+    for patches in (topts.get("patches") or {}).values():
+        found += list(patches) if isinstance(patches, (list, tuple)) else []
+    for replaced in (topts.get("patches_replace") or {}).values():
+        found += list(replaced.values()) if isinstance(replaced, dict) else []
+    return found
+
+
+def added_modules(controls: list, model_options: dict) -> list:
+    """Networks that run inside the denoiser call besides the diffusion model: those of the ControlNets and T2I
+    adapters ``controls`` (``_control_objects``), and modules held by other packs' model patches. Like the diffusion
+    model's, their weights must be usable under autograd for the run (``TrainableWeights``)."""
+    modules = []
+    for obj in list(controls) + _patch_objects(model_options):
+        for m in _modules_in(obj):
+            if not any(m is k for k in modules):
+                modules.append(m)
+    return modules
 
 
 def _renoise_seed(seed) -> int:
@@ -290,7 +345,9 @@ class RunOptions:
 
     guidance_vae: the VAE that decodes x̂0 for the image terms (e.g. TAESD); None: the sampler's ``vae``.
     cfg_branch: ``combined`` (the gradient through the CFG prediction, the paper), ``cond`` or ``uncond`` (the
-        gradient through that branch only; the other runs without autograd, in its own call).
+        gradient through that branch only; the other runs without autograd, in its own call). Where ComfyUI
+        computes no such branch (cfg 1 has no unconditional one) the gradient goes through the branch computed,
+        and the run's summary says so (``guided_calls.BranchRun``).
     low_memory: recompute the UNet's and the decoder's block activations in the backward pass instead of keeping
         them (activation checkpointing): less memory, about one more forward per guided iteration.
     """
@@ -364,7 +421,9 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
         console = _console_bar(total, disable)
         previewer = _previewer(base, x.device)
         stats = Stats()
-        weights = TrainableWeights(getattr(base, "diffusion_model", base), decoder_vae.first_stage_model)
+        controls = _control_objects(model, extra_args)
+        weights = TrainableWeights(getattr(base, "diffusion_model", base), decoder_vae.first_stage_model,
+                                   *added_modules(controls, extra_args.get("model_options")))
         generator = torch.Generator().manual_seed(_renoise_seed(extra_args.get("seed")))
         latest = {}
 
@@ -394,18 +453,25 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 if isinstance(getattr(model, attr, None), torch.Tensor):
                     setattr(model, attr, _normal(getattr(model, attr)))
             guided_args = dict(extra_args)
+            branch = guided_calls.BranchRun(options.cfg_branch) if options.cfg_branch != "combined" else None
             guided_args["model_options"] = guided_calls.with_branch(extra_args.get("model_options", {}),
-                                                                    options.cfg_branch)
+                                                                    options.cfg_branch, branch)
             layers_of = _layer_lookup(unet, run_guidance)
 
             def denoise(x_in, sigma, capture=None):
-                args = guided_args if torch.is_grad_enabled() and x_in.requires_grad else extra_args
-                with saved_tensor_guard(base):
-                    if capture is None:
-                        return model(x_in, sigma, **args)
-                    from .attention_capture import captured_call
-                    return captured_call(model, x_in, sigma, args, unet, layers_of(capture), context_length,
-                                         capture.features)
+                def call(args):
+                    with saved_tensor_guard(base, control=bool(controls)):
+                        if capture is None:
+                            return model(x_in, sigma, **args)
+                        from .attention_capture import captured_call
+                        return captured_call(model, x_in, sigma, args, unet, layers_of(capture), context_length,
+                                             capture.features)
+
+                if not (torch.is_grad_enabled() and x_in.requires_grad):
+                    return call(extra_args)
+                if branch is None:
+                    return call(guided_args)
+                return branch.guided_call(call, guided_args, extra_args)
 
             run_guidance.reset()
             run_guidance.prepare(x.device)
@@ -433,6 +499,7 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             lines = [stats.summary(time.perf_counter() - started)]
             lines += run_guidance.reports()
             lines += stats.notes(settings)
+            lines += branch.notes() if branch is not None else []
             for line in lines:
                 log.info("Universal Guidance: %s", line)
             if report is not None:
