@@ -146,7 +146,9 @@ class AttentionCapture:
         """The forward hook for Ψ (output of the second-to-last decoder block), removed on exit."""
         handle = None
         if self.features:
-            handle = self.unet.output_blocks[-2].register_forward_hook(self._record_feats)
+            # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the block's own
+            # forward: the block's output is its last layer's
+            handle = self.unet.output_blocks[-2][-1].register_forward_hook(self._record_feats)
         try:
             yield self
         finally:
