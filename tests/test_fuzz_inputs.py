@@ -309,6 +309,11 @@ def table():
         f.write("| node | input | bad value | outcome | seconds |\n|---|---|---|---|---|\n")
         for row in rows:
             f.write("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n")
+        counts = {}
+        for row in rows:
+            kind = row[3].split(":")[0].split(" (")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        f.write(f"\n{len(rows)} cases: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "\n")
 
 
 @pytest.mark.parametrize("class_type", [
