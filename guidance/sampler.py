@@ -125,7 +125,11 @@ class Stats:
     """What a run did: counts of network evaluations (forward+backward counted once) and skipped updates.
 
     ``trace``: one entry per loss evaluation — ``{"step", "repeat", "sigma", "phase" ("forward" / "backward"),
-    "terms": {name: unweighted loss, mean over the batch}, "total": weighted loss}`` — for plots and reports."""
+    "terms": {name: unweighted loss, mean over the batch}, "total": weighted loss}`` — for plots and reports.
+    ``updates`` / ``skipped_updates``: guidance updates tried and skipped (non-finite), counted per image.
+    ``loss_scale_start`` / ``loss_scale``: the loss scale the run started with and ended with (1: unscaled);
+    ``loss_scale_backoffs``: extra backward passes taken at a lowered scale after an overflow.
+    ``idle_terms``: lines naming the terms whose window held no step of the run."""
 
     steps: int = 0
     iterations: int = 0
@@ -136,6 +140,12 @@ class Stats:
     objective_calls: int = 0
     nonfinite_skips: int = 0
     capped_updates: int = 0
+    updates: int = 0
+    skipped_updates: int = 0
+    loss_scale_start: float = 1.0
+    loss_scale: float = 1.0
+    loss_scale_backoffs: int = 0
+    idle_terms: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)
 
@@ -147,6 +157,16 @@ class Stats:
                         "(further occurrences in this run are counted, not logged)", what, count)
         self.nonfinite_skips += count
 
+    def skip_updates(self, what: str, count: int) -> None:
+        """``count`` images' guidance updates were skipped (non-finite): logged once, counted always."""
+        if count > 0:
+            self.warn_nonfinite(what, count)
+            self.skipped_updates += count
+
+    @property
+    def every_update_skipped(self) -> bool:
+        return self.updates > 0 and self.skipped_updates >= self.updates
+
     def summary(self, seconds: Optional[float] = None) -> str:
         text = (f"{self.steps} steps, {self.iterations} iterations, {self.denoiser_grad_calls} denoiser backward "
                 f"passes, {self.decoder_calls} guided decodes")
@@ -155,13 +175,21 @@ class Stats:
         return text + (f" in {seconds:.1f} s" if seconds is not None else "")
 
     def notes(self, settings: "Settings") -> list:
-        """Lines about updates the run had to change: skipped (non-finite) and capped ones."""
-        lines = []
-        if self.nonfinite_skips:
+        """Lines about what the run did differently from what was asked: terms that guided no step, updates
+        skipped (non-finite) or capped, a lowered loss scale."""
+        lines = list(self.idle_terms)
+        if self.every_update_skipped:
+            lines.append(f"every guidance update was skipped ({self.skipped_updates} of {self.updates}: non-finite "
+                         f"gradients), so the output is unguided: lower the terms' weights or forward_strength, or "
+                         f"run the model and VAE in bf16 or fp32 instead of fp16")
+        elif self.nonfinite_skips:
             lines.append(f"{self.nonfinite_skips} guidance update(s) skipped for non-finite gradients")
         if self.capped_updates:
             lines.append(f"{self.capped_updates} guidance update(s) capped at max_step = {settings.max_step:g} × "
                          f"‖ε‖ (lower the strength, or raise max_step)")
+        if self.loss_scale_backoffs:
+            lines.append(f"fp16 loss scale lowered from {self.loss_scale_start:g} to {self.loss_scale:g} after "
+                         f"gradient overflows ({self.loss_scale_backoffs} extra backward pass(es))")
         return lines
 
 
@@ -175,19 +203,37 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _zero_nonfinite(t: torch.Tensor, stats: Stats, what: str) -> torch.Tensor:
+    """``t`` with its non-finite samples zeroed; each such sample is a skipped guidance update."""
     ok = _finite_rows(t)
     if bool(ok.all()):
         return t
-    stats.warn_nonfinite(what, int((~ok).sum()))
+    stats.skip_updates(what, int((~ok).sum()))
     return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
 
 
-def _input_grad(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+def _input_grad(loss: torch.Tensor, leaf: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
     """``∇_leaf Σ loss``; zeros where the loss does not depend on ``leaf`` (e.g. a term that skipped a step)."""
     if not loss.requires_grad:
         return torch.zeros_like(leaf)
-    (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True, retain_graph=retain_graph)
     return torch.zeros_like(leaf) if grad is None else grad.detach()
+
+
+# Dynamic loss scaling (half-precision models): the loss is multiplied by a power of two before the backward pass so
+# that small gradients do not underflow, and the gradient is divided back in fp32. A scaled gradient that overflows
+# is recomputed from the same graph at half the scale, at most LOSS_SCALE_BACKOFFS times, then unscaled; only an
+# unscaled gradient that is itself non-finite skips the update. The lowered scale holds for the rest of the run.
+LOSS_SCALE_BACKOFFS = 4
+
+
+def initial_loss_scale(loss_scale: float, guidance) -> float:
+    """The scale a run starts with: ``loss_scale`` divided by the largest term weight (the weights already scale the
+    loss: a face term of weight 20000 needs no further factor), rounded down to a power of two, at least 1."""
+    if not loss_scale > 1.0 or not math.isfinite(loss_scale):
+        return 1.0
+    weights = [abs(float(t.weight)) for t in getattr(guidance, "terms", ()) if t.weight]
+    scale = loss_scale / max(max(weights, default=1.0), 1.0)
+    return float(2.0 ** math.floor(math.log2(scale))) if scale >= 1.0 else 1.0
 
 
 def check_compatible(guidance, settings: Settings) -> None:
@@ -306,10 +352,13 @@ class _Step:
         # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
         if strength > 0 and self.param.a(sig) >= A_MIN:
             x0, grad, loss = self._gradient(x, sigma, progress)
+            self.stats.updates += x0.shape[0]
             grad = _zero_nonfinite(grad, self.stats, "forward-guidance gradient")
             guided = x0 - self._shift(x, x0, grad, loss, sig, strength, progress).to(x0.dtype)
-            ok = _finite_rows(guided).view(-1, *([1] * (x0.dim() - 1)))
-            x0 = torch.where(ok, guided, x0)
+            ok = _finite_rows(guided)
+            # a finite gradient whose update is not finite (e.g. past the fp16 range): also a skipped update
+            self.stats.skip_updates("forward-guidance update", int((~ok & _finite_rows(x0)).sum()))
+            x0 = torch.where(ok.view(-1, *([1] * (x0.dim() - 1))), guided, x0)
         else:
             x0 = self.plain(x, sigma)
         if s.backward_steps > 0 and self.objective.active(progress, ("image",)):
@@ -317,10 +366,29 @@ class _Step:
         return x0
 
     def _grad(self, loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        """∇ of the loss, scaled by ``loss_scale`` for the backward pass (fp16 models) and back, in fp32."""
-        if self.loss_scale == 1.0:
+        """∇ of the loss, scaled by the loss scale for the backward pass (fp16 models) and back, in fp32. A sample
+        whose scaled gradient overflows is recomputed from the same graph at half the scale (``LOSS_SCALE_BACKOFFS``
+        times at most, then unscaled); samples that were finite keep their first, most precise gradient."""
+        scale = self.loss_scale
+        if scale == 1.0:
             return _input_grad(loss, leaf)
-        return (_input_grad(loss * self.loss_scale, leaf).float() / self.loss_scale).to(leaf.dtype)
+        view = (-1,) + (1,) * (leaf.dim() - 1)
+        grad = done = None
+        backoffs = 0
+        while True:
+            last = scale <= 1.0
+            g = _input_grad(loss * scale, leaf, retain_graph=not last).float() / scale
+            ok = _finite_rows(g)
+            grad, done = (g, ok) if grad is None else (torch.where(done.view(view), grad, g), done | ok)
+            if last or bool(done.all()):
+                break
+            backoffs += 1
+            scale = 1.0 if backoffs > LOSS_SCALE_BACKOFFS else max(scale / 2.0, 1.0)
+        # The scale reached holds for the rest of the run, also when a sample was non-finite even unscaled (the
+        # caller skips it): the halvings are not repeated at every step.
+        self.stats.loss_scale_backoffs += backoffs
+        self.loss_scale = self.stats.loss_scale = scale
+        return grad.to(leaf.dtype)
 
     def _shift(self, x, x0, grad, loss, sig: float, strength: float, progress: float) -> torch.Tensor:
         """The change of x̂0 for this strength mode, capped at ``max_step·‖ε̂‖`` of noise per image."""
@@ -393,6 +461,7 @@ class _Step:
                         break
                 grad = self._grad(loss * running, delta)
             before = delta.detach().clone()
+            self.stats.updates += int(running.sum())
             grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
             if s.backward_optimizer == "polyak":
                 gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
@@ -403,7 +472,9 @@ class _Step:
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                keep = running.view(view) & _finite_rows(delta).view(view)
+                finite = _finite_rows(delta)
+                self.stats.skip_updates("backward-guidance update", int((running & ~finite).sum()))
+                keep = (running & finite).view(view)
                 delta.copy_(torch.where(keep, delta, before))
         self.where = where
         return delta.detach()
@@ -418,6 +489,49 @@ def _is_guided(i: int, n_steps: int, guidance, settings: Settings) -> bool:
     progress = i / n_steps
     return (settings.guides and window_contains(settings.start_percent, settings.end_percent, progress)
             and guidance is not None and guidance.active(progress))
+
+
+def idle_terms(n_steps: int, guidance, settings: Settings) -> list:
+    """One line per guidance term (of non-zero weight) that guides none of the run's steps: its window holds no
+    step position ``i / n_steps``, or none that the sampler's own window holds. Empty when guidance is off."""
+    if guidance is None or not settings.guides or n_steps <= 0:
+        return []
+    positions = [i / n_steps for i in range(n_steps)]
+    shown = ", ".join(f"{p:g}" for p in positions[:6]) + (", …" if n_steps > 6 else "")
+    sampler = [window_contains(settings.start_percent, settings.end_percent, p) for p in positions]
+    lines = []
+    for term in getattr(guidance, "terms", ()):
+        if not term.weight:
+            continue
+        own = [window_contains(term.start_percent, term.end_percent, p) for p in positions]
+        window = f"{term.start_percent:g}–{term.end_percent:g}"
+        if not any(own):
+            lines.append(f"guidance term {term.name!r} guided no step: its window {window} holds none of this run's "
+                         f"{n_steps} step(s), which start at {shown} of the run; widen its window (start_percent "
+                         f"≤ {positions[-1]:g}) or use more steps")
+        elif not any(a and b for a, b in zip(own, sampler)):
+            lines.append(f"guidance term {term.name!r} guided no step: its window {window} and the sampler's window "
+                         f"{settings.start_percent:g}–{settings.end_percent:g} share none of this run's {n_steps} "
+                         f"step(s), which start at {shown} of the run; widen one of the windows or use more steps")
+    return lines
+
+
+class NonFiniteOutputError(ValueError):
+    """The sampled latent became NaN or inf: there is no image to return."""
+
+
+def _check_finite(x: torch.Tensor, step: int, n_steps: int, guided: bool) -> None:
+    """Raise once the latent is non-finite (``guided``: some step so far was guided)."""
+    bad = ~_finite_rows(x)
+    if not bool(bad.any()):
+        return
+    cause = ("after guidance: a guidance update pushed the latent past what the model's precision holds (fp16 "
+             "overflows above 65504)" if guided else "without guidance: the model itself returned NaN or inf")
+    raise NonFiniteOutputError(
+        f"the sampled latent became non-finite (NaN or inf) at step {step + 1} of {n_steps} for {int(bad.sum())} of "
+        f"{x.shape[0]} image(s), {cause}; the output would be a black image. Lower forward_strength or the terms' "
+        f"weights, keep max_step above 0 (e.g. 10), or run the model and VAE in bf16 or fp32 instead of fp16 "
+        f"(e.g. ComfyUI's --bf16-unet / --fp32-vae)")
 
 
 def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -441,13 +555,21 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     guidance(image, progress) → loss ``[B]`` with ``guidance.active(progress)``; generator: the source of the
     re-noise of self-recurrence (CPU generator; noise is moved to ``x``'s device).
     on_iteration(done, total) counts outer iterations (steps × k where guided); interrupt() is called inside
-    every inner loop and may raise to stop the run. loss_scale: the loss is multiplied by it before each backward
-    pass and the gradient divided by it (against fp16 gradient underflow; the NaN/inf skip still applies).
+    every inner loop and may raise to stop the run. loss_scale: the loss is multiplied by a scale before each
+    backward pass and the gradient divided by it (against fp16 gradient underflow): ``loss_scale`` divided by the
+    largest term weight to start with, halved on overflow (see ``LOSS_SCALE_BACKOFFS``); a gradient that is
+    non-finite unscaled skips that image's update. Raises ``NonFiniteOutputError`` (a ValueError) as soon as the
+    latent becomes non-finite. ``stats.notes(settings)`` names terms that guided no step and a run whose every update
+    was skipped.
     """
     stats = stats if stats is not None else Stats()
     interrupt = interrupt or (lambda: None)
     check_compatible(guidance, settings)
     n_steps = len(sigmas) - 1
+    stats.idle_terms = idle_terms(n_steps, guidance, settings)
+    for line in stats.idle_terms:
+        log.warning("Universal Guidance: %s", line)
+    stats.loss_scale_start = stats.loss_scale = initial_loss_scale(loss_scale, guidance)
     total = total_iterations(n_steps, guidance, settings)
     references = None
     if guidance is not None and guidance.references():
@@ -455,13 +577,15 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         last_needed = max((i for i in range(n_steps) if _is_guided(i, n_steps, guidance, settings)
                            and guidance.references(i / n_steps)), default=-1)
     step = _Step(denoise, decode, guidance, settings, parameterization, stats, interrupt, references, generator,
-                 loss_scale)
+                 stats.loss_scale)
     ones = x.new_ones([x.shape[0]])
     done = 0
+    any_guided = False
     for i in range(n_steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         progress = i / n_steps
         guided = _is_guided(i, n_steps, guidance, settings)
+        any_guided = any_guided or guided
         repeats = settings.recurrence if guided else 1
         s_in = sigmas[i] * ones
         for r in range(repeats):
@@ -485,5 +609,6 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         if callback is not None:
             callback({"i": i, "denoised": x0.detach(), "x": x.detach(), "sigma": sigmas[i], "sigma_hat": sigmas[i]})
         x = x_next.detach()
+        _check_finite(x, i, n_steps, any_guided)
         stats.steps += 1
     return x

@@ -204,6 +204,28 @@ def make_decoder(vae, base_model, node: str):
     return decode
 
 
+def undecodable_output(vae, base_model, out: torch.Tensor, node: str):
+    """A sentence when the output latent decodes to NaN or inf with the sampler's VAE, else None. Only fp16 VAEs are
+    checked (bf16 and fp32 have fp32's range): one decode without grad at the end of the run."""
+    if vae is None or getattr(vae, "vae_dtype", None) != torch.float16 or not hasattr(vae, "first_stage_model"):
+        return None
+    if getattr(vae, "patcher", None) is not None:
+        mm.load_models_gpu([vae.patcher])
+    try:
+        with torch.no_grad():
+            image = make_decoder(vae, base_model, node)(out)
+    except GuidanceInputError:  # not an image VAE: nothing to judge here
+        return None
+    bad = ~torch.isfinite(image.flatten(1)).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    return (f"the sampled latent decodes to NaN or inf with this fp16 VAE for {int(bad.sum())} of {out.shape[0]} "
+            f"image(s) (largest latent value {float(base_model.process_latent_out(out).abs().max()):.3g}; fp16 holds "
+            f"at most 65504), so the image "
+            f"would be black: guidance pushed the latent too far. Lower forward_strength or the terms' weights, keep "
+            f"max_step above 0 (e.g. 10), or decode in fp32 or bf16 (ComfyUI's --fp32-vae / --bf16-vae)")
+
+
 def _model_patcher_of(base_model):
     for loaded in mm.current_loaded_models:
         patcher = getattr(loaded, "model", None)
@@ -414,6 +436,11 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
         decoder_vae = options.guidance_vae or vae
         if options.guidance_vae is not None:
             check_guidance_vae(options.guidance_vae, base, node)
+        through_model = settings.jacobian and settings.forward_strength > 0  # a gradient through the model
+        problem = guided_calls.backward_problem(getattr(base, "diffusion_model", base),
+                                                extra_args.get("model_options")) if through_model else None
+        if problem:
+            raise GuidanceInputError(f"{node}: input 'model': {problem}")
         load_together(base, decoder_vae if guidance.has("image") else None, x)
         n_steps = len(sigmas) - 1
         total = total_iterations(n_steps, run_guidance, settings)
@@ -482,7 +509,9 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 memory = guided_calls.low_memory(guided_calls.checkpoint_targets(
                     getattr(base, "diffusion_model", None), decoder_vae.first_stage_model,
                     _host_has_inplace_residual() or _model_has_inplace_residual(base)))
-            scale = guided_calls.loss_scale_for(_compute_dtype(base), getattr(decoder_vae, "vae_dtype", None))
+            autocast = guided_calls.autocast_dtype(x.device) if guidance.has("image") else None
+            scale = guided_calls.loss_scale_for(_compute_dtype(base), getattr(decoder_vae, "vae_dtype", None),
+                                                autocast)
             try:
                 with memory:
                     out = sample_universal(
@@ -490,12 +519,20 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                         settings=settings, parameterization=parameterization, callback=on_step,
                         on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
                         generator=generator, stats=stats, loss_scale=scale)
-            except ValueError as e:  # settings that do not fit the terms (e.g. self-guidance without jacobian)
+                undecodable = undecodable_output(vae, base, out, node)
+            except ValueError as e:  # settings that do not fit the terms, a non-finite output latent
                 raise GuidanceInputError(f"{node}: {e}") from None
+            except (RuntimeError, NotImplementedError) as e:  # an operation without a backward pass
+                message = guided_calls.no_backward_message(e)
+                if message is None:
+                    raise
+                raise GuidanceInputError(f"{node}: {message}") from e
             finally:
                 weights.restore()
                 if console is not None:
                     console.close()
+            if undecodable:
+                raise GuidanceInputError(f"{node}: {undecodable}")
             lines = [stats.summary(time.perf_counter() - started)]
             lines += run_guidance.reports()
             lines += stats.notes(settings)

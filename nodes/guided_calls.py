@@ -1,11 +1,13 @@
 """What a guided denoiser or decoder call does differently from a plain one, in ComfyUI: which CFG branch carries
 the gradient, activation checkpointing (``low_memory``), and precision (guidance networks under autocast on CUDA,
-loss scaling for half-precision models). Each is installed for the run only and undone afterwards.
+loss scaling for half-precision models, operations that have no backward pass). Each is installed for the run only
+and undone afterwards.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 
@@ -254,7 +256,107 @@ def autocast_dtype(device: torch.device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+LOSS_SCALE = 2.0 ** 10
+
+
 def loss_scale_for(*dtypes) -> float:
-    """Scale the loss by 2¹⁰ before the backward pass when a model runs in fp16 (its gradients underflow below
-    6e-8); the gradient is divided back in fp32. 1 otherwise."""
-    return 1024.0 if torch.float16 in dtypes else 1.0
+    """The loss scale a run starts from: 2¹⁰ when anything on the gradient's path computes in fp16 — the UNet, the
+    VAE, or the guidance networks' autocast (fp16 gradients underflow below 6e-8) — else 1. The engine divides it by
+    the largest term weight and halves it on overflow (``guidance.sampler.LOSS_SCALE_BACKOFFS``)."""
+    return LOSS_SCALE if torch.float16 in dtypes else 1.0
+
+
+# Operations that have no backward pass, so a gradient cannot pass through them: fp8 matrix multiplication
+# (``torch._scaled_mm``) in ComfyUI's scaled-fp8 layers, and attention kernels written for inference only. (ComfyUI's
+# fp8 "fast" layers, ``fp8_ops``: --fast / weight_dtype fp8_e4m3fn_fast, fall back to a cast weight by themselves when
+# the input needs a gradient, so they need nothing here.)
+_FP8_ADVICE = ("load an fp16, bf16 or plain fp8 file of the model instead of the scaled-fp8 one (Load Diffusion Model "
+               "with weight_dtype fp8_e4m3fn stores an fp16 file in fp8 without fp8 multiplication), or turn "
+               "'jacobian' off (the gradient then skips the diffusion model)")
+_ATTENTION_ADVICE = {
+    "sage": "start ComfyUI without --use-sage-attention and remove any node that patches sage attention into the "
+            "model (e.g. --use-pytorch-cross-attention instead)",
+    "flash": "start ComfyUI without --use-flash-attention (e.g. --use-pytorch-cross-attention instead)",
+}
+
+
+def _closure_value(fn, name: str, default=None):
+    fn = getattr(fn, "__func__", fn)
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells or name not in code.co_freevars:
+        return default
+    try:
+        return cells[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # empty cell
+        return default
+
+
+def _uses_fp8_matmul(module: torch.nn.Module) -> bool:
+    """Whether this layer multiplies with ``torch._scaled_mm`` and has no fallback: ComfyUI's ``scaled_fp8_ops``
+    layers built with fp8 matrix multiplication (a scaled-fp8 file whose marker asks for it, on a GPU with fp8
+    compute), for float8_e4m3fn weights."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    weight = getattr(module, "weight", None)
+    if fp8 is None or not isinstance(weight, torch.Tensor) or weight.dtype != fp8:
+        return False
+    return bool(_closure_value(getattr(type(module), "forward_comfy_cast_weights", None), "fp8_matrix_mult", False))
+
+
+def _attention_kind(fn):
+    """``"sage"`` / ``"flash"`` for attention functions without a backward pass, else None."""
+    if fn is None:
+        return None
+    name = getattr(fn, "__name__", type(fn).__name__).lower()
+    if "sage" in name:
+        return "sage"
+    if "flash" in name:
+        import comfy.ldm.modules.attention as attention
+        wrapper = getattr(attention, "flash_attn_wrapper", None)
+        # ComfyUI's flash kernel is a torch custom op; it has a backward only if an autograd formula was registered
+        if wrapper is not None and getattr(wrapper, "_backward_fn", None) is None:
+            return "flash"
+    return None
+
+
+def backward_problem(diffusion_model, model_options=None):
+    """Why a gradient cannot pass through this diffusion model as ComfyUI will run it (a sentence saying what to
+    change), or None: fp8 matrix-multiplication layers, or an attention kernel without a backward pass (ComfyUI's
+    global choice, or a ``transformer_options`` override another node installed)."""
+    if isinstance(diffusion_model, torch.nn.Module):
+        fp8 = sum(1 for m in diffusion_model.modules() if _uses_fp8_matmul(m))
+        if fp8:
+            return (f"{fp8} of this model's layers multiply in fp8 (a scaled-fp8 file, which ComfyUI runs with "
+                    f"torch._scaled_mm on a GPU with fp8 compute), which has no backward pass, so guidance cannot take "
+                    f"a gradient through the model: " + _FP8_ADVICE)
+    try:
+        import comfy.ldm.modules.attention as attention
+    except Exception:  # no such module: nothing to check
+        return None
+    transformer_options = (model_options or {}).get("transformer_options", {}) or {}
+    for fn, where in ((transformer_options.get("optimized_attention_override"), "a node patched into the model"),
+                      (getattr(attention, "optimized_attention", None), "ComfyUI's attention setting")):
+        kind = _attention_kind(fn)
+        if kind is not None:
+            return (f"the model's attention runs {kind} attention ({where}: {getattr(fn, '__name__', fn)}), whose "
+                    f"kernel has no backward pass, so guidance cannot take a gradient through the model: "
+                    f"{_ATTENTION_ADVICE[kind]}, or turn 'jacobian' off (the gradient then skips the diffusion "
+                    f"model)")
+    return None
+
+
+_NO_BACKWARD = re.compile(r"derivative for \S+ is not implemented|no autograd formula|implement either the backward"
+                          r"|autograd kernel was not registered|don't support automatic differentiation")
+
+
+def no_backward_message(error: BaseException):
+    """For an autograd error saying an operation has no backward pass: a user-facing sentence naming it and what to
+    change; None for any other error."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not isinstance(error, (RuntimeError, NotImplementedError)) or not _NO_BACKWARD.search(text):
+        return None
+    advice = (_FP8_ADVICE if "_scaled_mm" in text else
+              "for guided runs, remove what patches the model's attention or layers for speed (sage / flash "
+              "attention: --use-sage-attention, --use-flash-attention or a patch node; fp8 matrix multiplication: "
+              "--fast, scaled-fp8 files), or turn 'jacobian' off (the gradient then skips the diffusion model)")
+    return (f"an operation on the guidance gradient's path has no backward pass ({text[:200]}), so guidance cannot "
+            f"take a gradient through it: {advice}")
