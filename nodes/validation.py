@@ -54,9 +54,9 @@ def _number_problem(value, kind: str, options: dict):
     if kind == "INT" and not value.is_integer():
         return f"{value:g} is not a whole number"
     if low is not None and value < low:
-        return f"{value:g} is below its minimum {low:g}"
+        return f"{value:g} is below its minimum {low:g}; enter a number{span}"
     if high is not None and value > high:
-        return f"{value:g} is above its maximum {high:g}"
+        return f"{value:g} is above its maximum {high:g}; enter a number{span}"
     return None
 
 

@@ -127,8 +127,8 @@ def test_set_image_that_does_not_exist_is_a_usage_error(host, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("setting, expected", [
-    ("5.steps=0", ["node 5 (UniversalGuidanceKSampler) input 'steps': value 0 rejected",
-                   "allowed: an integer from 1 to 10000"]),
+    ("5.steps=0", ["node 5 (UniversalGuidanceKSampler): Universal Guidance KSampler: input 'steps': 0 is below its "
+                   "minimum 1; enter a number between 1 and 10000"]),
     ("5.scheduler=\"fastest\"", ["node 5 (UniversalGuidanceKSampler) input 'scheduler': invalid value 'fastest'; "
                                  "allowed: one of [", "'normal'"]),
     ("10.start_percent=0.9", ["node 10 (UniversalGuidanceImage): UG Image Guidance: inputs 'start_percent' and "
