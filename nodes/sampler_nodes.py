@@ -87,7 +87,9 @@ ADVANCED_KNOBS = {
         "default": "combined",
         "tooltip": "Which CFG branch the gradient flows through: 'combined' = the CFG prediction (paper); 'cond' "
                    "or 'uncond' = that branch only, the other branch runs without autograd in its own call (less "
-                   "backward work; the official detection script differentiates the unconditional branch)."}),
+                   "backward work; the official detection script differentiates the unconditional branch). At cfg 1 "
+                   "there is no unconditional batch: 'uncond' then uses the conditional one, and the summary says "
+                   "so."}),
     "low_memory": ("BOOLEAN", {
         "default": False,
         "tooltip": "Recompute the UNet's and the decoder's block activations during the guided backward pass "
