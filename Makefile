@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.built-v1
 HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed bench-gpu bench-selfguidance comfyui clean
+.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed bench-gpu bench-memory bench-selfguidance comfyui clean
 PORT   ?= 8188
 MODELS ?=
 
@@ -108,6 +108,16 @@ BENCH_GPU_ARGS ?=
 bench-gpu: host-deps
 	$(PY) -m benchmarks.speed_modes --device cuda --latent 64 --repeats 3 --steps 2 --warmup-latent 64 \
 	  --memory-pair-latent 64 --end-to-end --out out/bench $(BENCH_GPU_ARGS)
+
+# GPU memory of one image-guided iteration (SD1.5 512², SDXL / SD3.5-medium / SD3.5-large / Flux-dev 1024²; VAE and
+# TAESD decoders; low_memory off/on), counted with ComfyUI v0.3.64's model classes on the meta device, plus the check
+# against real tensors (SD1.5 at 256², fp32, CPU): out/bench/memory.json and the README table. CPU only, a few minutes.
+BENCH_MEMORY_ARGS ?=
+bench-memory: venv
+	@if [ -z "$(COMFYUI_PATH)" ] && [ ! -f "$(CURRENT_HOST)/nodes.py" ]; then \
+	  test -f "$(CURRENT_TARBALL)" || { echo "bench-memory: needs ComfyUI v0.3.64 (COMFYUI_PATH, or $(CURRENT_TARBALL))"; exit 1; }; \
+	  mkdir -p "$(CURRENT_ROOT)" && tar -xzf "$(CURRENT_TARBALL)" -C "$(CURRENT_ROOT)"; fi
+	$(PY) -m benchmarks.memory --comfyui "$(or $(COMFYUI_PATH),$(CURRENT_HOST))" --out out/bench $(BENCH_MEMORY_ARGS)
 
 # Self-guidance on the shipped shapes model (benchmarks/shapes): Move / Resize / Appearance transfer / Move + keep,
 # layers auto vs oracle vs decoder, a strength sweep; selfguidance.json, _grid.png, _tradeoff.png. Engine only.
