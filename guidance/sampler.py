@@ -129,7 +129,9 @@ class Stats:
     ``updates`` / ``skipped_updates``: guidance updates tried and skipped (non-finite), counted per image.
     ``loss_scale_start`` / ``loss_scale``: the loss scale the run started with and ended with (1: unscaled);
     ``loss_scale_backoffs``: extra backward passes taken at a lowered scale after an overflow.
-    ``idle_terms``: lines naming the terms whose window held no step of the run."""
+    ``idle_terms``: lines naming the terms whose window held no step of the run.
+    ``weight_copy_bytes``: bytes of model weights the host adapter copied to make them usable under autograd
+    (0 where it used them in place)."""
 
     steps: int = 0
     iterations: int = 0
@@ -145,6 +147,7 @@ class Stats:
     loss_scale_start: float = 1.0
     loss_scale: float = 1.0
     loss_scale_backoffs: int = 0
+    weight_copy_bytes: int = 0
     idle_terms: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)

@@ -2,11 +2,28 @@
 
 * Autograd inside the executor: the executor runs nodes under ``torch.inference_mode()``; guidance runs under
   ``inference_mode(False)`` with inputs cloned to normal tensors.
-* Inference-tensor weights: the stock loaders create weights as inference tensors, which autograd cannot save.
-  ``TrainableWeights`` swaps them for normal, frozen copies for the duration of one run and puts the originals
-  back afterwards (the cached, shared model is left as it was). The same holds for every network that runs inside
-  the denoiser call: the conditioning's ControlNets / T2I adapters and modules held by other packs' model patches
-  (``added_modules``).
+* Inference-tensor weights: the stock loaders create weights as inference tensors, which autograd cannot save
+  (an inference tensor may be *used* outside inference mode, only not *saved* for backward). ``TrainableWeights``
+  swaps each of them, for the duration of one run, for an *alias*: a normal, frozen tensor on the same storage
+  (same device, dtype — fp8 / fp16 / bf16 stay as they are — offset, sizes and strides), so a guided run adds no
+  copy of the model. The same holds for every network that runs inside the denoiser call: the conditioning's
+  ControlNets / T2I adapters and modules held by other packs' model patches (``added_modules``). Why sharing the
+  storage is safe:
+
+  - nothing writes to the weights during a run: the sampler and the guidance only read them (they are frozen,
+    ``requires_grad`` False, so no optimizer or gradient touches them); ComfyUI patches weights (LoRA, other
+    packs' weight patches) and moves them between devices in ``load_models_gpu``, i.e. before sampling starts,
+    between runs, never inside one. Where a model is loaded only partly (``comfy.ops`` casting weights layer by
+    layer), the alias lives where the original lives and the cast reads it like the original;
+  - the alias has its own version counter, so an in-place write to the original during a run would not be seen
+    by autograd; per the point above there is none;
+  - the alias is dropped at the end of the run: ``restore()`` (in a ``finally``) puts the original tensor objects
+    back into the modules, so the cached, shared model is exactly as it was (same objects, still inference
+    tensors) and nothing keeps an alias after the run (autograd graphs of the run are freed with it).
+
+  Tensor subclasses other than ``Parameter`` (e.g. other packs' quantized weights) cannot be aliased by storage
+  without losing their type: they are still copied, and their bytes are counted (``TrainableWeights.created_bytes``,
+  logged after each run).
 * The 2024-03 UNet's in-place ``x += n`` in its transformer block: on such hosts the activations the denoiser
   saves for backward are copied (``saved_tensor_guard``, around the denoiser call only).
 * Differentiable decode: ``first_stage_model.decode`` on ``process_latent_out`` latents, mapped [-1,1]→[0,1]
@@ -54,6 +71,7 @@ def parameterization_of(base_model, node: str):
 
 
 def _needs_copy(t: torch.Tensor) -> bool:
+    """An inference tensor, or a tensor without a version counter (a view of one): autograd cannot save it."""
     if t.is_inference():
         return True
     try:
@@ -63,18 +81,41 @@ def _needs_copy(t: torch.Tensor) -> bool:
     return False
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _alias(t: torch.Tensor):
+    """A normal (non-inference) tensor on ``t``'s storage: same data, no new memory; None where ``t`` is a tensor
+    subclass (other than ``Parameter``) that a plain alias would not stand for. Call outside inference mode."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_quantized or t.layout != torch.strided:
+        return None
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return alias
+
+
 class TrainableWeights:
     """Make modules usable under autograd for one run, and put them back exactly as they were.
 
-    Inference-tensor parameters and buffers are replaced by normal copies (frozen); parameters that require
+    Inference-tensor parameters and buffers are replaced by frozen aliases (normal tensors sharing their storage,
+    see the module docstring; ``copy=True``, or a tensor subclass: a frozen copy instead); parameters that require
     grad are frozen. ``refresh()`` may be called again (e.g. after ComfyUI reloaded a model); ``restore()``
-    reinstates the original tensor objects and flags.
+    reinstates the original tensor objects and flags. ``created_bytes``: bytes of new weight storage this object
+    allocated (copies; 0 where every weight was aliased); ``aliased`` / ``aliased_bytes``: the tensors (and
+    their bytes) used in place.
     """
 
-    def __init__(self, *modules):
+    copy_weights = False  # the default of ``copy``: copies instead of aliases (a reference for comparisons)
+
+    def __init__(self, *modules, copy: bool | None = None):
         self.modules = [m for m in modules if m is not None]
+        self.copy = self.copy_weights if copy is None else copy
         self._swapped = []
         self._unfrozen = []
+        self.created_bytes = 0
+        self.aliased = 0
+        self.aliased_bytes = 0
 
     def refresh(self) -> int:
         count = 0
@@ -86,16 +127,26 @@ class TrainableWeights:
                             if t is None:
                                 continue
                             if _needs_copy(t):
-                                copy = t.detach().clone()
+                                normal = None if self.copy else _alias(t)
+                                if normal is None:
+                                    normal = t.detach().clone()
+                                    self.created_bytes += _nbytes(normal)
+                                else:
+                                    self.aliased += 1
+                                    self.aliased_bytes += _nbytes(normal)
                                 if isinstance(t, torch.nn.Parameter):
-                                    copy = torch.nn.Parameter(copy, requires_grad=False)
+                                    normal = torch.nn.Parameter(normal, requires_grad=False)
                                 self._swapped.append((store, name, t))
-                                store[name] = copy
+                                store[name] = normal
                                 count += 1
                             elif t.requires_grad and store is mod._parameters:
                                 t.requires_grad_(False)
                                 self._unfrozen.append(t)
         return count
+
+    def summary(self) -> str:
+        return (f"weights: {self.aliased} inference tensor(s) used in place ({self.aliased_bytes / 2**20:.1f} MiB, "
+                f"not copied), {self.created_bytes} bytes of weight copies made")
 
     def restore(self) -> None:
         for store, name, t in reversed(self._swapped):
@@ -529,11 +580,12 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 raise GuidanceInputError(f"{node}: {message}") from e
             finally:
                 weights.restore()
+                stats.weight_copy_bytes = weights.created_bytes
                 if console is not None:
                     console.close()
             if undecodable:
                 raise GuidanceInputError(f"{node}: {undecodable}")
-            lines = [stats.summary(time.perf_counter() - started)]
+            lines = [stats.summary(time.perf_counter() - started), weights.summary()]
             lines += run_guidance.reports()
             lines += stats.notes(settings)
             lines += branch.notes() if branch is not None else []
