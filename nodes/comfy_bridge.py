@@ -421,8 +421,9 @@ class RunOptions:
         gradient through that branch only; the other runs without autograd, in its own call). Where ComfyUI
         computes no such branch (cfg 1 has no unconditional one) the gradient goes through the branch computed,
         and the run's summary says so (``guided_calls.BranchRun``).
-    low_memory: recompute the UNet's and the decoder's block activations in the backward pass instead of keeping
-        them (activation checkpointing): less memory, about one more forward per guided iteration.
+    low_memory: recompute the denoiser's blocks (UNet; SD3 joint, Flux double/single-stream transformer blocks)
+        and the decoder's in the backward pass instead of keeping their activations (activation checkpointing), and
+        with them the weights ComfyUI casts per layer: less memory, about one more forward per guided iteration.
     """
 
     guidance_vae: object = None

@@ -187,44 +187,97 @@ def with_branch(model_options: dict, branch: str, run: BranchRun | None = None) 
 
 # --------------------------------------------------------------------------------------------------- memory
 
-def _checkpointed(forward):
+def _checkpointed(forward, copy_saved: bool = False):
+    """``forward`` under non-reentrant activation checkpointing while autograd records.
+
+    ``copy_saved``: for blocks that add residuals in place to their own inputs, which they have also saved for
+    backward (Flux's ``txt += …``, ``x += …``). Checkpointing keeps the block's inputs and runs the block again in
+    the backward pass, so (1) the block runs on copies of its tensor inputs, leaving the kept ones as they were,
+    and (2) the recomputation copies the tensors on the gradient path that it saves (one block at a time, freed
+    after its backward), as the denoiser's saved-tensor hooks do without checkpointing: otherwise the recomputed
+    in-place add changes a tensor just saved, and the gradient is silently wrong.
+    """
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if not copy_saved:
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        calls = [0]
+
+        def block(*a, **k):
+            calls[0] += 1
+            a = [v.clone() if isinstance(v, torch.Tensor) else v for v in a]
+            k = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in k.items()}
+            if calls[0] == 1:  # the forward: checkpointing's hooks keep nothing of it
+                return forward(*a, **k)
+            return _with_copied_saves(forward, *a, **k)  # a recomputation in the backward pass
+
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
     return run
+
+
+def _with_copied_saves(forward, *args, **kwargs):
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        raise RuntimeError("Universal Guidance: no checkpointing hooks found while recomputing a block")
+    pack, unpack = hooks
+
+    def pack_copy(t):
+        return pack(t.clone() if t.requires_grad and not isinstance(t, torch.nn.Parameter) else t)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_copy, unpack):
+        return forward(*args, **kwargs)
+
+
+# Transformer blocks of the DiT families, by class name (models built on them reuse the classes): SD3's joint
+# block, Flux's double- and single-stream blocks. The Flux blocks add residuals in place to their own inputs.
+DIT_BLOCKS = frozenset({"JointBlock", "DoubleStreamBlock", "SingleStreamBlock"})
+INPLACE_DIT_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+# The recomputation's copies need the saved-tensor hooks in force (a torch API without a public name): where torch
+# lacks it, the in-place blocks are not checkpointed (the rest still is).
+_CAN_COPY_SAVES = hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
 
 
 def checkpoint_targets(unet, vae_model, inplace_residual: bool) -> list:
     """Modules whose activations are recomputed in the backward pass instead of kept: the UNet's ResBlocks and
     its SpatialTransformers — where the transformer block adds its residual in place (hosts before 2025-06), its
     attention layers instead (``CrossAttention``: their inputs are never modified in place; at 512² they hold the
-    attention probabilities, ~1 GB per self-attention layer at CFG batch 2); the VAE decoder's ResnetBlocks and
-    attention, or TAESD's blocks."""
+    attention probabilities, ~1 GB per self-attention layer at CFG batch 2); SD3's joint blocks and Flux's double-
+    and single-stream blocks (a block recomputes its weights' per-layer casts too: with ComfyUI's manual cast, fp8
+    weights or partial loading, no cast weight is kept for the backward pass); the VAE decoder's ResnetBlocks and
+    attention, or TAESD's blocks. Returns ``[(module, copy_saved)]`` (see ``_checkpointed``)."""
     targets = []
     if unet is not None:
-        from comfy.ldm.modules.attention import CrossAttention, SpatialTransformer
-        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-        kinds = (ResBlock, CrossAttention) if inplace_residual else (ResBlock, SpatialTransformer)
-        targets += [m for m in unet.modules() if isinstance(m, kinds)]
+        dit = [m for m in unet.modules() if type(m).__name__ in DIT_BLOCKS]
+        targets += [(m, type(m).__name__ in INPLACE_DIT_BLOCKS) for m in dit
+                    if _CAN_COPY_SAVES or type(m).__name__ not in INPLACE_DIT_BLOCKS]
+        if not dit:
+            try:
+                from comfy.ldm.modules.attention import CrossAttention, SpatialTransformer
+                from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+            except ImportError:  # pragma: no cover - every supported host has the UNet classes
+                kinds = ()
+            else:
+                kinds = (ResBlock, CrossAttention) if inplace_residual else (ResBlock, SpatialTransformer)
+            targets += [(m, False) for m in unet.modules() if kinds and isinstance(m, kinds)]
     if vae_model is not None:
         decoder = getattr(vae_model, "decoder", None) or getattr(vae_model, "taesd_decoder", None)
         if decoder is not None:
             names = ("ResnetBlock", "AttnBlock", "Block")
-            targets += [m for m in decoder.modules() if type(m).__name__ in names]
+            targets += [(m, False) for m in decoder.modules() if type(m).__name__ in names]
     return targets
 
 
 @contextlib.contextmanager
-def low_memory(modules: list):
-    """Activation checkpointing on ``modules`` for the duration of the block (their ``forward`` is wrapped on the
-    instance and restored afterwards; the cached model is left as it was)."""
+def low_memory(targets: list):
+    """Activation checkpointing on the ``(module, copy_saved)`` targets for the duration of the block (their
+    ``forward`` is wrapped on the instance and restored afterwards; the cached model is left as it was)."""
     wrapped = []
     try:
-        for m in modules:
+        for m, copy_saved in targets:
             if "forward" not in m.__dict__:
-                m.forward = _checkpointed(m.forward)
+                m.forward = _checkpointed(m.forward, copy_saved)
                 wrapped.append(m)
         yield len(wrapped)
     finally:

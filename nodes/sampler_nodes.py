@@ -92,9 +92,11 @@ ADVANCED_KNOBS = {
                    "so."}),
     "low_memory": ("BOOLEAN", {
         "default": False,
-        "tooltip": "Recompute the UNet's and the decoder's block activations during the guided backward pass "
-                   "instead of keeping them (activation checkpointing): much less memory, about one extra forward "
-                   "per guided iteration. Same gradient."}),
+        "tooltip": "Recompute the denoiser's block activations (UNet blocks; SD3 and Flux transformer blocks) and "
+                   "the decoder's during the guided backward pass instead of keeping them (activation "
+                   "checkpointing): much less memory, about one extra forward per guided iteration. With fp8 "
+                   "weights or a partly loaded model, the weights cast per layer are not kept either. Same "
+                   "gradient."}),
 }
 GUIDANCE_INPUTS = {
     "vae": ("VAE", {"tooltip": "VAE used to decode the clean prediction for the guidance networks (the one "
