@@ -180,6 +180,8 @@ def guided(host, fam, loaded, low_memory: bool, monkeypatch=None):
 
 def test_low_memory_checkpoints_the_blocks_with_the_same_result(host, family):
     fam, names = family
+    if fam.name == "flux":  # the fp8 test below checks the same on Flux (wrapped, recomputed, same output)
+        pytest.skip("Flux is covered by test_low_memory_keeps_no_cast_weight_for_backward (keeps CI time down)")
     loaded = load(fam, names, "default")
     a, off = guided(host, fam, loaded, low_memory=False)
     b, on = guided(host, fam, loaded, low_memory=True)
