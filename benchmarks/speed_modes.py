@@ -1112,7 +1112,7 @@ def chart(result: dict, path: str) -> str:
         d.text((pad, y + 4), name, fill="black", font=fs)
         if r.get("fit"):
             base = r["rss_start_mb"] / 1024
-            peak = r["peak_rss_mb"] / 1024
+            peak = max(r["peak_rss_mb"] / 1024, base)  # a sampled peak can sit below the start when nothing grows
             s = (panel_w - 20) / mmax
             d.rectangle([x0, y + 4, x0 + int(base * s), y + 20], fill=(180, 180, 180))
             d.rectangle([x0 + int(base * s), y + 4, x0 + int(peak * s), y + 20],
