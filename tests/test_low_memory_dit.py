@@ -9,14 +9,12 @@ run on v0.3.64 (COMFYUI_PATH=…).
 """
 from __future__ import annotations
 
-import gc
-import os
 
 import pytest
 import torch
 
 import prompts
-from test_model_families import CACHE, FAMILIES, ensure_files, host_label
+from test_model_families import FAMILIES, ensure_files, family_folders, host_label
 
 SIZE = 32  # pixels: latent 4×4, 2×2 patches
 BLOCKS = {"sd3": ("JointBlock",), "flux": ("DoubleStreamBlock", "SingleStreamBlock")}
@@ -72,7 +70,6 @@ def test_blocks_adding_in_place_to_their_inputs_give_the_same_gradient(host):
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def family(request, host):
-    import comfy.model_management as mm
     import comfy.supported_models
 
     fam = FAMILIES[request.param]
@@ -82,24 +79,10 @@ def family(request, host):
                     f"supported_models.{missing[0]}); low_memory on this family is tested on ComfyUI v0.3.64 "
                     f"(COMFYUI_PATH=…)")
     names = ensure_files(fam)
-    fp = host.folder_paths
     # SD3's checkpoint is also read by UNETLoader (the diffusion model only), which offers the fp8 weight dtypes.
-    folders = [(kind, kind) for kind in fam.files] + [("checkpoints", "diffusion_models")] * ("checkpoints" in names)
-    added = []
-    try:
-        for kind, key in folders:
-            folder = os.path.join(CACHE, kind)
-            key = fp.map_legacy(key) if hasattr(fp, "map_legacy") else key
-            if folder not in fp.folder_names_and_paths[key][0]:
-                fp.add_model_folder_path(key, folder)
-                added.append((key, folder))
+    extra = [("checkpoints", "diffusion_models")] * ("checkpoints" in names)
+    with family_folders(host, fam, extra):
         yield fam, names
-    finally:
-        for key, folder in added:
-            fp.folder_names_and_paths[key][0].remove(folder)
-            getattr(fp, "filename_list_cache", {}).pop(key, None)
-        mm.unload_all_models()
-        gc.collect()
 
 
 def load(fam, names, weight_dtype: str):

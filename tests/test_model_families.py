@@ -25,6 +25,7 @@ a minute, to out/test-models/families/ and reused.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass
@@ -177,6 +178,31 @@ class FamilyRun:
     latents: dict
 
 
+@contextlib.contextmanager
+def family_folders(host, fam: Family, extra=()):
+    """The family's cached model files registered with ``folder_paths`` for the block (``extra``: more
+    ``(file folder, folder key)`` pairs); afterwards the session's host is left as it was for the other test modules
+    and the loaded models are unloaded."""
+    import comfy.model_management as mm
+    fp = host.folder_paths
+    added = []
+    try:
+        for kind, key in [(kind, kind) for kind in fam.files] + list(extra):
+            folder = os.path.join(CACHE, kind)
+            key = fp.map_legacy(key) if hasattr(fp, "map_legacy") else key
+            if folder not in fp.folder_names_and_paths[key][0]:
+                fp.add_model_folder_path(key, folder)
+                added.append((key, folder))
+        yield
+    finally:
+        for key, folder in added:
+            fp.folder_names_and_paths[key][0].remove(folder)
+            getattr(fp, "filename_list_cache", {}).pop(key, None)
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+
+
 @pytest.fixture(scope="module")
 def reference(host):
     """Left half white, right half black: far from what the random models produce on their own."""
@@ -188,7 +214,6 @@ def reference(host):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_run(request, host, reference):
-    import comfy.model_management as mm
     import comfy.supported_models
 
     fam = FAMILIES[request.param]
@@ -197,15 +222,7 @@ def family_run(request, host, reference):
         pytest.skip(f"{fam.name}: {host_label(host)} has no {', '.join(missing)} model support (comfy."
                     f"supported_models.{missing[0]}); this family runs on ComfyUI v0.3.64 (COMFYUI_PATH=…)")
     names = ensure_files(fam)
-    fp = host.folder_paths
-    added = []
-    try:
-        for kind in fam.files:
-            folder = os.path.join(CACHE, kind)
-            key = fp.map_legacy(kind) if hasattr(fp, "map_legacy") else kind
-            if folder not in fp.folder_names_and_paths[key][0]:
-                fp.add_model_folder_path(kind, folder)
-                added.append((key, folder))
+    with family_folders(host, fam):
         prompt = build_prompt(fam, names)
         ok, error, _, node_errors = host.validate(prompt)  # every output node, not just the valid ones
         assert ok and not node_errors, (error, node_errors)
@@ -219,13 +236,6 @@ def family_run(request, host, reference):
         loader = node_output(host, "1")
         clip = node_output(host, "13")[0][0] if "text_encoders" in fam.files else loader[1][0]
         yield FamilyRun(fam, loader[0][0], clip, images, latents)
-    finally:
-        for key, folder in added:  # leave the session's host as it was for the other test modules
-            fp.folder_names_and_paths[key][0].remove(folder)
-            getattr(fp, "filename_list_cache", {}).pop(key, None)
-        mm.unload_all_models()
-        gc.collect()
-        mm.soft_empty_cache()
 
 
 def mse(a, b) -> float:

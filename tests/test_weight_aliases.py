@@ -13,7 +13,6 @@ reference path): the guided update is the gradient of the image loss, so equal o
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import re
@@ -26,7 +25,8 @@ from safetensors.torch import load_file
 
 import prompts
 from conftest import CHECKPOINT
-from test_model_families import FAMILIES, build_prompt, ensure_files, host_label, node_output, output_file
+from test_model_families import (FAMILIES, build_prompt, ensure_files, family_folders, host_label, node_output,
+                                 output_file)
 from test_precision import pack
 
 SIZE = 32  # pixels; latent 4×4
@@ -161,7 +161,6 @@ def test_sd15_guided_run_copies_no_weights(host, reference, swaps, caplog, monke
 
 
 def test_flux_guided_run_copies_no_weights(host, reference, swaps, caplog):
-    import comfy.model_management as mm
     import comfy.supported_models
 
     fam = FAMILIES["flux"]
@@ -169,16 +168,7 @@ def test_flux_guided_run_copies_no_weights(host, reference, swaps, caplog):
         pytest.skip(f"flux: {host_label(host)} has no Flux model support (comfy.supported_models.Flux); this "
                     f"test runs on ComfyUI v0.3.64 (COMFYUI_PATH=…)")
     names = ensure_files(fam)
-    fp = host.folder_paths
-    added = []
-    from test_model_families import CACHE
-    try:
-        for kind in fam.files:
-            folder = os.path.join(CACHE, kind)
-            key = fp.map_legacy(kind) if hasattr(fp, "map_legacy") else kind
-            if folder not in fp.folder_names_and_paths[key][0]:
-                fp.add_model_folder_path(kind, folder)
-                added.append((key, folder))
+    with family_folders(host, fam):
         p = build_prompt(fam, names)
         for node in ("9", "18", "19"):  # the stock sampler and the latents: not needed here
             p.pop(node)
@@ -202,10 +192,3 @@ def test_flux_guided_run_copies_no_weights(host, reference, swaps, caplog):
         assert d["guided"] < 0.9 * d["unguided"], d
         del model
         swaps.clear()
-    finally:
-        for key, folder in added:
-            fp.folder_names_and_paths[key][0].remove(folder)
-            getattr(fp, "filename_list_cache", {}).pop(key, None)
-        mm.unload_all_models()
-        gc.collect()
-        mm.soft_empty_cache()
