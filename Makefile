@@ -103,11 +103,16 @@ bench-speed: host-deps
 	$(PY) -m benchmarks.speed_modes --latent 64 --out out/bench $(BENCH_512_ARGS)
 
 # The same at 512² on a CUDA GPU in ComfyUI's GPU dtypes, plus whole images (UG KSampler, 50 steps, k=2 in a 50 %
-# window, vs the stock KSampler): speed_512_cuda.json/.png.
+# window, vs the stock KSampler): speed_512_cuda.json/.png; and the rows of bench-memory run for real with random
+# full-size weights, read from torch.cuda.max_memory_allocated: memory_cuda.json.
 BENCH_GPU_ARGS ?=
 bench-gpu: host-deps
 	$(PY) -m benchmarks.speed_modes --device cuda --latent 64 --repeats 3 --steps 2 --warmup-latent 64 \
 	  --memory-pair-latent 64 --end-to-end --out out/bench $(BENCH_GPU_ARGS)
+	@if [ -z "$(COMFYUI_PATH)" ] && [ ! -f "$(CURRENT_HOST)/nodes.py" ]; then \
+	  test -f "$(CURRENT_TARBALL)" || { echo "bench-gpu: the memory rows need ComfyUI v0.3.64 (COMFYUI_PATH, or $(CURRENT_TARBALL))"; exit 1; }; \
+	  mkdir -p "$(CURRENT_ROOT)" && tar -xzf "$(CURRENT_TARBALL)" -C "$(CURRENT_ROOT)"; fi
+	$(PY) -m benchmarks.memory --device cuda --comfyui "$(or $(COMFYUI_PATH),$(CURRENT_HOST))" --out out/bench
 
 # GPU memory of one image-guided iteration (SD1.5 512², SDXL / SD3.5-medium / SD3.5-large / Flux-dev 1024²; VAE and
 # TAESD decoders; low_memory off/on), counted with ComfyUI v0.3.64's model classes on the meta device, plus the check

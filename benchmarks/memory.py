@@ -513,6 +513,63 @@ def cpu_check(pixels: int = 256, decoder_kind: str = "vae", lowmem: bool = False
 ROWS = [(f, d, lm) for f in FAMILIES for d in ("vae", "taesd") for lm in (False, True)]
 
 
+# --------------------------------------------------------------------------- measured on a device (make bench-gpu)
+
+def _random_fill(modules, seed: int = 0):
+    """Random weights (N(0, 0.02²), cast to each tensor's dtype: fp8 too), filled tensor by tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in module_tensors(*modules):
+            if t.is_floating_point():
+                t.copy_((torch.randn(t.shape, generator=gen) * 0.02).to(t.dtype))
+
+
+def device_row(name: str, decoder_kind: str, lowmem: bool, device: str, pixels=None) -> dict:
+    """The row's iteration run for real on ``device`` with random full-size weights: the counted figures of the
+    same run (the counter on real tensors) and, on CUDA, the allocator's own ``max_memory_allocated`` above what
+    was allocated before the iteration (weights and inputs), plus the weights."""
+    family = FAMILIES[name]
+    pixels = pixels or family["pixels"]
+    model_config, base = build_denoiser(family, "meta")
+    unet = base.diffusion_model.to_empty(device=device)
+    dec, decode = build_decoder(decoder_kind, family["ch"], "meta", family.get("vae_dtype"))
+    dec = dec.to_empty(device=device)
+    _random_fill([unet, dec])
+    fn = iteration_fn(model_config, unet, family, decode)
+    ins = inputs(family, pixels, device)
+    targets = low_memory_targets(unet, dec) if lowmem else ()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    res = count(fn, ins, [unet, dec], checkpoint_modules=targets)
+    out = {"family": name, "pixels": pixels, "decoder": decoder_kind, "low_memory": lowmem, "device": device,
+           "counted_on_device": res, "seconds": round(time.time() - t0, 2)}
+    if cuda:
+        torch.cuda.synchronize()
+        out["cuda_weights_and_inputs_gb"] = before / GB
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
+        out["cuda_transient_gb"] = (torch.cuda.max_memory_allocated() - before) / GB
+        out["cuda_device"] = torch.cuda.get_device_name()
+    del unet, dec
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def device_table(rows: list) -> str:
+    lines = ["| model | size | decoder | low_memory | counted peak GB | CUDA max_memory_allocated GB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['pixels']}² | {r['decoder']} | {'on' if r['low_memory'] else 'off'} | "
+                     f"{r['counted_on_device']['peak_gb']:.2f} | "
+                     f"{r.get('cuda_max_allocated_gb', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list) -> str:
     """The README table: one line per model × decoder, ``low_memory`` off and on side by side."""
     def cards(r):
@@ -571,8 +628,14 @@ def main(argv=None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--no-check", action="store_true", help="skip the 256² check on real CPU tensors")
     parser.add_argument("--check-pixels", type=int, default=256)
+    parser.add_argument("--device", default=None,
+                        help="measure the rows for real on this device (cuda: max_memory_allocated) instead of "
+                             "counting them on the meta device; writes memory_<device>.json")
+    parser.add_argument("--pixels", type=int, default=None, help="with --device: one size for every row")
     args = parser.parse_args(argv)
     _boot(args.comfyui)
+    if args.device:
+        return _measure_on_device(args)
     import comfy.model_management as mm
     old_free = mm.get_free_memory
     big = 1 << 40
@@ -608,6 +671,29 @@ def main(argv=None) -> int:
     if result["targets"]:
         for k, v in result["targets"].items():
             print(f"{k}: peak {v['peak_gb']:.2f} GB ≤ {v['limit_gb']}: {'met' if v['met'] else 'NOT met'}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _measure_on_device(args) -> int:
+    rows = []
+    for fam, dec, lm in ROWS:
+        if fam not in args.families.split(","):
+            continue
+        try:
+            r = device_row(fam, dec, lm, args.device, args.pixels)
+        except torch.cuda.OutOfMemoryError as e:  # noqa: PERF203 - a row that does not fit is a result too
+            r = {"family": fam, "decoder": dec, "low_memory": lm, "device": args.device, "error": str(e)[:200]}
+            torch.cuda.empty_cache()
+        rows.append(r)
+        print(json.dumps(r)[:400], flush=True)
+    result = {"what": "one image-guided iteration measured on a device (random full-size weights), GB = 1e9 B",
+              "torch": torch.__version__, "comfyui": args.comfyui, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"memory_{torch.device(args.device).type}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(device_table([r for r in rows if "error" not in r]))
     print(f"wrote {path}")
     return 0
 
