@@ -216,6 +216,15 @@ def test_family_guided_run_copies_no_weights(host, reference, swaps, saved_copie
             assert saved_copies, "no guided denoiser call went through the in-place guard"
             copied, on_path = map(sum, zip(*saved_copies))
             assert 0 < copied < 0.25 * on_path, (copied, on_path)
+            # the same guided result as copying every saved activation (the bridge's earlier path)
+            p.pop("5"), p.pop("6"), p.pop("7")
+            p["8"]["inputs"]["max_step"] = 1.0e6  # far above any update here; makes the prompt new
+            p["17"]["inputs"]["filename_prefix"] = "alias_copy_all"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(pack("comfy_bridge"), "_host_has_inplace_residual", lambda: True)
+                copy_all = run(host, p, caplog)
+            image = np.asarray(Image.open(output_file(host, copy_all.outputs["17"]["images"][0])).convert("RGB"))
+            np.testing.assert_allclose(image.astype(np.float64) / 255.0, images["guided"], atol=1.5 / 255)
         else:
             assert not saved_copies
         del model
