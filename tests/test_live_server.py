@@ -1,12 +1,17 @@
 """The real ComfyUI server (``python -m headless serve``) with this pack, on 127.0.0.1 and a free port, and the
 real frontend in headless Chromium: GET /object_info lists every node of the pack with tooltips, POST /prompt
 rejects bad inputs naming node and input, and in the browser the node search finds the pack's nodes and
-workflows/image.json loads, queues and finishes (tiny random-weight checkpoint: the picture is noise).
+the image-guidance example workflow loads, queues and finishes (tiny random-weight checkpoint: the picture is noise).
+Also in the browser (one session for all): a prompt the server refuses brings up the frontend's error dialog;
+every example workflow loads with no node covering another node or a group; on the current frontend the node
+search ranks the right node first for everyday queries, and the template browser lists the example workflows
+with thumbnails.
 
 The browser part needs the Debian package ``chromium`` and the Python package ``playwright`` (no browser download:
 it drives /usr/bin/chromium); it is skipped with a message when either is missing. A screenshot goes to
-out/live-server/; the canvas screenshot becomes docs/screenshot.png when that file is missing or
-UG_UPDATE_SCREENSHOT=1.
+out/live-server/; the canvas screenshot becomes docs/screenshot.png, and (current frontend) the pictures of
+two workflows docs/workflow-*.png and every workflow's thumbnail example_workflows/<name>.jpg, when the file is
+missing or UG_UPDATE_SCREENSHOT=1.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 START_TIMEOUT = 150  # s, server start (imports torch and ComfyUI on a busy machine)
 RUN_TIMEOUT = 180    # s, the queued workflow
 SHOTS = os.path.join(ROOT, "out", "live-server")
-# Small and short, for a CPU: these and the file names are the only changes to workflows/image.json.
+# Small and short, for a CPU: these and the file names are the only changes to the image-guidance example workflow.
 SPEED = {4: {"width": 32, "height": 32}, 5: {"steps": 2, "recurrence": 1}}
 
 
@@ -298,7 +303,7 @@ def page(server, pack_nodes):
             page.wait_for_function(
                 "(types) => window.app && window.app.graph && window.LiteGraph"
                 " && types.every(t => t in LiteGraph.registered_node_types)", arg=list(mappings), timeout=90000)
-            # Newer frontends greet a new user with the template browser (it lists this pack's workflows/);
+            # Newer frontends greet a new user with the template browser (it lists this pack's example_workflows/);
             # close it. Script errors of the frontend's own start-up are not this pack's (it ships no JS).
             time.sleep(1.0)
             for text in visible_dialogs(page):
@@ -341,7 +346,7 @@ def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes, p
     added = page.evaluate("() => app.graph._nodes.map(n => n.type)")
     assert added == ["UniversalGuidanceKSampler"], added
 
-    # Load workflows/image.json (tiny model, small size) and queue it.
+    # Load the image-guidance workflow (tiny model, small size) and queue it.
     before = set(get(server.url + "history"))
     load_workflow(page, wf)
     loaded = page.evaluate("() => app.graph._nodes.map(n => n.type).sort()")
@@ -483,7 +488,7 @@ def canvas_layout_problems(geometry: dict) -> list[str]:
 
 
 def test_every_workflow_loads_in_the_browser_with_nothing_overlapping(server, page):
-    """Each workflows/*.json as the frontend lays it out (node sizes from the frontend's own computeSize, group
+    """Each example_workflows/*.json as the frontend lays it out (node sizes from the frontend's own computeSize, group
     boxes as loaded): no node covers another node or a group's edge or title, no node is smaller than its
     widgets, no group title is wider than its group, and loading shows no dialog. One browser session for all
     files."""

@@ -1,4 +1,4 @@
-"""``python -m headless run``: a real run of workflows/image.json with the tiny checkpoint (subprocess), and the
+"""``python -m headless run``: a real run of the image-guidance example workflow with the tiny checkpoint (subprocess), and the
 error paths — no ComfyUI, unknown node types, missing model files, invalid widget values — with their exit codes
 and messages. The error paths after the boot run in this process on the session's host (``runner.main(argv,
 host=...)``, the code path of the command line minus the boot) to keep the suite fast."""

@@ -1,4 +1,4 @@
-"""The example workflows (workflows/*.json, UI format) against the live node definitions of the test host:
+"""The example workflows (example_workflows/*.json, UI format) against the live node definitions of the test host:
 they convert to API format, their links connect matching types, ComfyUI's own validator accepts them, and they
 are what workflows/build.py writes. Also: the UI → API converter on Reroute/PrimitiveNode/muted/bypassed nodes,
 and corrupted workflows fail."""
