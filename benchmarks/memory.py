@@ -241,7 +241,8 @@ def build_denoiser(family: dict, device="meta"):
         raise RuntimeError(f"ComfyUI knows no model with unet_config {unet_config}")
     model_config.set_inference_dtype(family["dtype"], family.get("compute"))
     model = model_config.get_model({}, device=device)
-    return model_config, model.diffusion_model.requires_grad_(False)
+    model.diffusion_model.requires_grad_(False)
+    return model_config, model
 
 
 def build_decoder(kind: str, latent_channels: int, device="meta", dtype=None):
@@ -393,16 +394,53 @@ def inputs(family: dict, pixels: int, device="meta", dtype=None):
     return [x, t, ctx, y, guidance, target]
 
 
+def _memory_plan():
+    """The pack's ``nodes/memory_plan.py`` (loaded by path: ``nodes`` is ComfyUI's own module here)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ug_memory_plan", os.path.join(ROOT, "nodes", "memory_plan.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _DecodeEstimate:
+    """ComfyUI v0.3.64's ``VAE.memory_used_decode`` for AutoencoderKL and TAESD files (both keep the default)."""
+
+    vae_dtype = VAE_DTYPE
+
+    def __init__(self, kind: str):
+        if kind != "vae":
+            self.first_stage_model = type("TAESD", (), {})()  # what memory_plan tells TAESD files by
+
+    @staticmethod
+    def memory_used_decode(shape, dtype):
+        return 2178 * shape[2] * shape[3] * 64 * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_estimate(base_model, family: dict, pixels: int, lowmem: bool, decoder_kind: str = "vae") -> float:
+    """What the pack reserves for this iteration before sampling (GB): ``memory_plan``'s estimate of the transient
+    memory (denoiser and decoder activations; cast weights without low_memory), the networks aside."""
+    plan = _memory_plan()
+    shape = (1, family["ch"], pixels // 8, pixels // 8)
+    d = plan.denoiser_bytes(base_model, shape, family["batch"])
+    v = plan.decoder_bytes(_DecodeEstimate(decoder_kind), shape)
+    return (d[1] + v[1] if lowmem else d[0] + v[0]) / GB
+
+
 def count_row(name: str, decoder_kind: str, lowmem: bool, *, pixels=None, device="meta", family=None) -> dict:
     family = family or FAMILIES[name]
     pixels = pixels or family["pixels"]
-    model_config, unet = build_denoiser(family, device)
+    model_config, base = build_denoiser(family, device)
+    unet = base.diffusion_model
     dec, decode = build_decoder(decoder_kind, family["ch"], device, family.get("vae_dtype"))
     fn = iteration_fn(model_config, unet, family, decode)
     ins = inputs(family, pixels, device)
     targets = low_memory_targets(unet, dec) if lowmem else ()
     t0 = time.time()
     res = count(fn, ins, [unet, dec], checkpoint_modules=targets)
+    res["plan_estimate_gb"] = plan_estimate(base, family, pixels, lowmem, decoder_kind)
+    res["plan_estimate_covers"] = res["plan_estimate_gb"] >= res["transient_peak_gb"]
     return {"family": name, "pixels": pixels, "decoder": decoder_kind, "low_memory": lowmem,
             "weight_dtype": str(family["dtype"]).replace("torch.", ""),
             "compute_dtype": str(family.get("compute") or family["dtype"]).replace("torch.", ""),
@@ -438,7 +476,8 @@ def cpu_check(pixels: int = 256, decoder_kind: str = "vae", lowmem: bool = False
     random weights under the same counter and under the profiler's allocator record."""
     fam = dict(FAMILIES["SD1.5"], dtype=torch.float32, vae_dtype=torch.float32)
     meta = count_row("SD1.5", decoder_kind, lowmem, pixels=pixels, family=fam)
-    model_config, unet = build_denoiser(fam, "meta")
+    model_config, base = build_denoiser(fam, "meta")
+    unet = base.diffusion_model
     dec, decode = build_decoder(decoder_kind, fam["ch"], "meta", torch.float32)
     unet, dec = unet.to_empty(device="cpu"), dec.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -479,7 +518,8 @@ def table(rows: list) -> str:
     def cards(r):
         return f"{min(r['fits_gb'])}+" if r["fits_gb"] else "> 24"
     lines = ["| model (weights) | size | decoder | weights GB | saved GB off / on | peak GB off / on | "
-             "smallest card (8/12/16/24 GB) off / on |", "|---|---|---|---|---|---|---|"]
+             "smallest card (8/12/16/24 GB) off / on | reserved by the pack GB off / on |",
+             "|---|---|---|---|---|---|---|---|"]
     for off in (r for r in rows if not r["low_memory"]):
         on = next((r for r in rows if r["low_memory"] and r["family"] == off["family"]
                    and r["decoder"] == off["decoder"]), None)
@@ -490,8 +530,15 @@ def table(rows: list) -> str:
         lines.append(f"| {off['family'].replace(' fp8', '')} ({off['weight_dtype'].replace('float', 'fp').replace('bfp', 'bf')}) | "
                      f"{off['pixels']}² | {'VAE' if off['decoder'] == 'vae' else tiny} | {off['weights_gb']:.1f} | "
                      f"{off['saved_gb']:.1f} / {on['saved_gb']:.1f} | {off['peak_gb']:.1f} / {on['peak_gb']:.1f} | "
-                     f"{cards(off)} / {cards(on)} |")
+                     f"{cards(off)} / {cards(on)} | {_estimate(off)} / {_estimate(on)} |")
     return "\n".join(lines)
+
+
+def _estimate(row) -> str:
+    """The pack's reservation for the activations, marked where it is below the counted transient peak."""
+    if "plan_estimate_gb" not in row:
+        return "–"
+    return f"{row['plan_estimate_gb']:.1f}" + ("" if row["plan_estimate_covers"] else " (below)")
 
 
 def _pick(rows, family, decoder, lowmem):

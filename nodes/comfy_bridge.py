@@ -48,7 +48,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..guidance import FLOW, VE, Settings, Stats, sample_universal, total_iterations
-from . import guided_calls
+from . import guided_calls, memory_plan
 
 log = logging.getLogger("universal_guidance")
 
@@ -198,9 +198,11 @@ def _unpack_saved(packed):
     return packed
 
 
-# Blocks that add a residual in place to a tensor saved for backward, in every ComfyUI version that has them:
-# Flux's double-stream block (``txt += …``) and single-stream block (``x += …``), also used by models built on them.
-_INPLACE_RESIDUAL_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+# Blocks that add a residual in place to a tensor saved for backward, in every ComfyUI version that has them, with
+# the input that is modified (name, position): Flux's double-stream block (``txt += …``) and single-stream block
+# (``x += …``), also used by models built on them, and the MMDiT context processor block (``x += …``).
+_INPLACE_RESIDUAL_BLOCKS = {"DoubleStreamBlock": ("txt", 1), "SingleStreamBlock": ("x", 0),
+                            "ContextProcessorBlock": ("x", 0)}
 _inplace_by_type = {}
 
 
@@ -213,16 +215,82 @@ def _model_has_inplace_residual(base_model) -> bool:
     return _inplace_by_type[type(net)]
 
 
+def _storage_of(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
+
+
+class _InplaceTargets:
+    """Copies of saved tensors only where a block will modify them in place: at each such block's entry the
+    storage of the input it adds its residual to is recorded, and a tensor saved for backward is copied only when
+    it lives in one of those storages (every other saved tensor is kept as it is, with its version checked when
+    backward unpacks it, so an in-place change not foreseen here is an error, never a wrong gradient).
+
+    ``copied_bytes``: bytes copied; ``grad_path_bytes``: bytes of the saved activations on the gradient path (what
+    copying every activation would cost)."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.storages, self.handles = set(), []
+        self.copied_bytes = self.grad_path_bytes = 0
+        for m in net.modules():
+            where = _INPLACE_RESIDUAL_BLOCKS.get(type(m).__name__)
+            if where is not None:
+                self.handles.append(m.register_forward_pre_hook(functools.partial(self._enter, where),
+                                                                with_kwargs=True))
+
+    def _enter(self, where, module, args, kwargs):
+        name, index = where
+        t = kwargs.get(name, args[index] if len(args) > index else None)
+        if isinstance(t, torch.Tensor):
+            self.storages.add(_storage_of(t))
+
+    def pack(self, t: torch.Tensor):
+        if t.requires_grad and not isinstance(t, torch.nn.Parameter):
+            nbytes = t.numel() * t.element_size()
+            self.grad_path_bytes += nbytes
+            if _storage_of(t) in self.storages:
+                self.copied_bytes += nbytes
+                return t.clone()
+        return _pack_saved_kept(t)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _pack_saved_kept(t: torch.Tensor):
+    try:
+        return _Kept(t, t._version)
+    except RuntimeError:  # no version counter (an inference tensor): copy it
+        return t.clone()
+
+
+@contextlib.contextmanager
+def _targeted_guard(net):
+    targets = _InplaceTargets(net)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(targets.pack, _unpack_saved):
+            yield targets
+    finally:
+        targets.close()
+
+
 def saved_tensor_guard(base_model=None, control: bool = False):
-    """Copy the activations saved for backward where the denoiser modifies them in place afterwards: the UNet of
-    hosts before 2025-06, Flux-style blocks (``base_model``) on every host, and any model given a ControlNet's or
-    T2I adapter's ``control`` (every host's UNet adds it in place to block outputs the next block has saved).
+    """Copy the activations saved for backward where the denoiser modifies them in place afterwards. The UNet of
+    hosts before 2025-06 and any model given a ControlNet's or T2I adapter's ``control`` (every host's UNet adds it
+    in place to block outputs the next block has saved): every activation on the gradient path is copied. Models
+    whose blocks add a residual in place to their input (Flux-style blocks, ``base_model``) on current hosts: only
+    the tensors saved from those inputs' storages (``_InplaceTargets``).
 
     Wrap the denoiser call only: the decoder and the guidance networks need no copies.
     """
-    if control or _host_has_inplace_residual() or (base_model is not None and
-                                                    _model_has_inplace_residual(base_model)):
+    if control or _host_has_inplace_residual():
         return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
+    if base_model is not None and _model_has_inplace_residual(base_model):
+        return _targeted_guard(getattr(base_model, "diffusion_model", base_model))
     return contextlib.nullcontext()
 
 
@@ -285,16 +353,38 @@ def _model_patcher_of(base_model):
     return None
 
 
-def load_together(base_model, vae, latent: torch.Tensor) -> None:
-    """Load UNet and VAE on the device together (the VAE's decode under autograd needs both at once). ``vae``
-    None: the UNet alone (only self-guidance terms: nothing is decoded)."""
+def load_together(base_model, vae, memory_required: float) -> None:
+    """Load UNet and VAE on the device together (the VAE's decode under autograd needs both at once), leaving
+    ``memory_required`` bytes free for the guided iteration (``memory_plan``): ComfyUI offloads other models or
+    loads these partly instead of running out in the middle of a step. ``vae`` None: the UNet alone (only
+    self-guidance terms: nothing is decoded)."""
     patchers = [p for p in (_model_patcher_of(base_model), getattr(vae, "patcher", None)) if p is not None]
+    mm.load_models_gpu(patchers, memory_required=int(memory_required))
+
+
+def free_memory(device) -> float:
+    """Bytes free on ``device`` as ComfyUI counts them (for CUDA: the driver's free memory plus what PyTorch holds
+    in its cache)."""
+    return float(mm.get_free_memory(device))
+
+
+def _cfg_scale(model, extra_args: dict):
+    """The run's CFG scale (None when the host does not tell)."""
+    scale = extra_args.get("cond_scale")
+    if scale is None:
+        scale = getattr(getattr(model, "inner_model", None), "cfg", None)
     try:
-        out_shape = (latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3])
-        memory = vae.memory_used_decode(out_shape, vae.vae_dtype) * 3  # activations kept for backward
-    except Exception:
-        memory = 0
-    mm.load_models_gpu(patchers, memory_required=memory)
+        return float(scale)
+    except (TypeError, ValueError):
+        return None
+
+
+def _backward_batch(model, extra_args: dict, x: torch.Tensor, cfg_branch: str) -> int:
+    """How many latents the denoiser's backward pass runs on: the CFG batch (cond + uncond) for the combined
+    prediction, one branch otherwise or at cfg 1."""
+    scale = _cfg_scale(model, extra_args)
+    both = cfg_branch == "combined" and (scale is None or abs(scale - 1.0) > 1e-9)
+    return x.shape[0] * (2 if both else 1)
 
 
 def _previewer(base_model, device):
@@ -421,16 +511,19 @@ class RunOptions:
         gradient through that branch only; the other runs without autograd, in its own call). Where ComfyUI
         computes no such branch (cfg 1 has no unconditional one) the gradient goes through the branch computed,
         and the run's summary says so (``guided_calls.BranchRun``).
-    low_memory: recompute the denoiser's blocks (UNet; SD3 joint, Flux double/single-stream transformer blocks)
-        and the decoder's in the backward pass instead of keeping their activations (activation checkpointing), and
-        with them the weights ComfyUI casts per layer: less memory, about one more forward per guided iteration.
+    low_memory: ``on``: recompute the denoiser's blocks (UNet; SD3 joint, Flux double/single-stream transformer
+        blocks) and the decoder's in the backward pass instead of keeping their activations (activation
+        checkpointing), and with them the weights ComfyUI casts per layer: less memory, about one more forward per
+        guided iteration. ``off``: keep them. ``auto``: on where the estimate of ``memory_plan`` does not fit in the
+        device's free memory (a boolean of an earlier release: on / off).
     """
 
     guidance_vae: object = None
     cfg_branch: str = "combined"
-    low_memory: bool = False
+    low_memory: str = "auto"
 
     def __post_init__(self):
+        object.__setattr__(self, "low_memory", memory_plan.normalize_mode(self.low_memory))
         if self.cfg_branch not in guided_calls.CFG_BRANCHES:
             raise ValueError(f"cfg_branch must be one of {guided_calls.CFG_BRANCHES}, got {self.cfg_branch!r}")
 
@@ -493,7 +586,13 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                                                 extra_args.get("model_options")) if through_model else None
         if problem:
             raise GuidanceInputError(f"{node}: input 'model': {problem}")
-        load_together(base, decoder_vae if guidance.has("image") else None, x)
+        image_decoder = decoder_vae if guidance.has("image") else None
+        memory_need = memory_plan.plan(options.low_memory, base, image_decoder, x.shape,
+                                       _backward_batch(model, extra_args, x, options.cfg_branch), run_guidance,
+                                       x.device)
+        load_together(base, image_decoder, memory_need.reserve if options.low_memory != "auto"
+                      else memory_need.need_on + memory_need.networks)
+        memory_need = memory_plan.decide(memory_need, free_memory(x.device))
         n_steps = len(sigmas) - 1
         total = total_iterations(n_steps, run_guidance, settings)
         pbar = comfy.utils.ProgressBar(total)
@@ -557,7 +656,7 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             run_guidance_ac = _with_autocast(run_guidance, x.device)
             weights.refresh()
             memory = contextlib.nullcontext()
-            if options.low_memory:
+            if memory_need.low_memory:
                 memory = guided_calls.low_memory(guided_calls.checkpoint_targets(
                     getattr(base, "diffusion_model", None), decoder_vae.first_stage_model,
                     _host_has_inplace_residual() or _model_has_inplace_residual(base)))
@@ -581,12 +680,14 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
                 raise GuidanceInputError(f"{node}: {message}") from e
             finally:
                 weights.restore()
+                if mm.unet_offload_device() != x.device:
+                    memory_plan.release_networks(run_guidance, mm.unet_offload_device())
                 stats.weight_copy_bytes = weights.created_bytes
                 if console is not None:
                     console.close()
             if undecodable:
                 raise GuidanceInputError(f"{node}: {undecodable}")
-            lines = [stats.summary(time.perf_counter() - started), weights.summary()]
+            lines = [stats.summary(time.perf_counter() - started), weights.summary(), memory_need.line(x.device)]
             lines += run_guidance.reports()
             lines += stats.notes(settings)
             lines += branch.notes() if branch is not None else []

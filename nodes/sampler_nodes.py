@@ -7,7 +7,7 @@ import comfy.utils
 
 from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
-from . import comfy_bridge, run_report
+from . import comfy_bridge, memory_plan, run_report
 from .comfy_bridge import GuidanceInputError
 from .guidance_nodes import window_problem
 from .validation import CheckedNode
@@ -103,13 +103,14 @@ ADVANCED_KNOBS = {
                    "paper), or only 'cond' / 'uncond' (less backward work; the paper's detection script used "
                    "'uncond'). At cfg 1 there is no unconditional half: 'uncond' then uses the conditional one "
                    "and the run report says so."}),
-    "low_memory": ("BOOLEAN", {
-        "default": False,
+    "low_memory": (memory_plan.LOW_MEMORY_CHOICES, {
+        "default": "auto",
         "tooltip": "Recompute the denoiser's block activations (UNet blocks; SD3 and Flux transformer blocks) and "
                    "the decoder's during the guided backward pass instead of keeping them (activation "
-                   "checkpointing): much less memory, about one extra forward per guided iteration. With fp8 "
-                   "weights or a partly loaded model, the weights cast per layer are not kept either. Same "
-                   "gradient."}),
+                   "checkpointing): much less memory, about one extra forward per guided iteration, same gradient. "
+                   "With fp8 weights or a partly loaded model, the weights cast per layer are not kept either. "
+                   "auto: on only where the run's estimate does not fit in the device's free memory (the run's "
+                   "summary says which, with the figures); on / off: always / never."}),
 }
 GUIDANCE_INPUTS = {
     "vae": ("VAE", {"tooltip": "VAE used to decode the clean prediction for the guidance networks (the one "
@@ -122,7 +123,7 @@ GUIDANCE_INPUTS = {
 def options_from(node: str, **kw) -> comfy_bridge.RunOptions:
     try:
         return comfy_bridge.RunOptions(guidance_vae=kw.get("guidance_vae"), cfg_branch=kw.get("cfg_branch", "combined"),
-                                       low_memory=bool(kw.get("low_memory", False)))
+                                       low_memory=kw.get("low_memory", "auto"))
     except ValueError as e:
         raise GuidanceInputError(f"{node}: {e}") from None
 
@@ -184,6 +185,7 @@ class UniversalGuidanceSampler(CheckedNode):
         return {"required": {**GUIDANCE_INPUTS, **GUIDANCE_KNOBS}, "optional": dict(ADVANCED_KNOBS)}
 
     RETURN_TYPES = ("SAMPLER",)
+    LEGACY_VALUES = {"low_memory": memory_plan.LEGACY_LOW_MEMORY}
     FUNCTION = "get_sampler"
     CATEGORY = CATEGORY
 
@@ -285,6 +287,7 @@ class UniversalGuidanceKSampler(CheckedNode):
 
     RETURN_TYPES = ("LATENT", "IMAGE")
     RETURN_NAMES = ("LATENT", "report")
+    LEGACY_VALUES = {"low_memory": memory_plan.LEGACY_LOW_MEMORY}
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 

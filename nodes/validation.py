@@ -96,11 +96,25 @@ def widget_problems(input_types: dict, values: dict, list_problem=None, final: b
     return problems
 
 
+def legacy_mapped(cls, values: dict) -> dict:
+    """``values`` with the values an earlier release saved for an input replaced by what they mean now
+    (``LEGACY_VALUES``: input name → {old value: new value}, e.g. a BOOLEAN that became a combo)."""
+    legacy = getattr(cls, "LEGACY_VALUES", None) or {}
+    out = dict(values)
+    for name, mapping in legacy.items():
+        value = out.get(name)
+        if isinstance(value, (bool, int, float, str)) and value in mapping and \
+                any(type(value) is type(k) and value == k for k in mapping):
+            out[name] = mapping[value]
+    return out
+
+
 def check(cls, values: dict, final: bool = False) -> list:
     """Every problem with ``values`` for node class ``cls``: the widget rules, then the node's own ``problems``
     (run only on values that passed the widget rules; the others are passed as None, i.e. not known).
     ``final``: the values the node runs with (at validation, None means not known yet)."""
     input_types = cls.INPUT_TYPES()
+    values = legacy_mapped(cls, values)
     bad = widget_problems(input_types, values, getattr(cls, "list_problem", None), final)
     found = [f"input '{name}': {problem}" for name, problem in bad.items()]
     known = {k: (None if k in bad else v) for k, v in values.items()}
@@ -154,6 +168,8 @@ def _checked_function(function):
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 values.update(values.pop(name, {}))
         raise_problems(type(self).NAME, check(type(self), values, final=True))
+        if getattr(type(self), "LEGACY_VALUES", None):
+            kwargs = legacy_mapped(type(self), kwargs)
         return function(self, *args, **kwargs)
 
     run.ug_checked = True
@@ -169,6 +185,7 @@ class CheckedNode:
     name → ``model_files`` key)."""
 
     FILE_INPUTS: dict = {}
+    LEGACY_VALUES: dict = {}  # input name → {value an earlier release saved: what it means now}
 
     VALIDATE_INPUTS = _ValidateEveryWidget()
 

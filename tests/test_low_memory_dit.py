@@ -1,11 +1,11 @@
-"""``low_memory`` on the transformer (DiT) families: SD3's joint blocks and Flux's double- and single-stream blocks
-are checkpointed for the guided run only, give the same guided output, and — where ComfyUI casts the weights layer
+"""``low_memory`` on the transformer (DiT) families and SDXL: SD3's joint blocks, Flux's double- and single-stream
+blocks and SDXL's ResBlocks / SpatialTransformers are checkpointed for the guided run only, give the same guided output, and — where ComfyUI casts the weights layer
 by layer (fp8 weights via UNETLoader's weight_dtype, which on the CPU runs with manual cast to fp32) — keep no cast
 weight among the tensors saved for the backward pass.
 
 The tiny SD3 / Flux files are those of test_model_families.py (real file formats, stock loaders), called as the
-executor calls the nodes. SD3 and Flux do not exist in the 2024-03 host: there the tests skip with a message; they
-run on v0.3.64 (COMFYUI_PATH=…).
+executor calls the nodes. SD3 and Flux do not exist in the 2024-03 host, whose UNETLoader has no weight_dtype: there
+the tests skip with a message; they run on v0.3.64 (COMFYUI_PATH=…).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import prompts
 from test_model_families import FAMILIES, ensure_files, family_folders, host_label
 
 SIZE = 32  # pixels: latent 4×4, 2×2 patches
-BLOCKS = {"sd3": ("JointBlock",), "flux": ("DoubleStreamBlock", "SingleStreamBlock")}
+BLOCKS = {"sd3": ("JointBlock",), "flux": ("DoubleStreamBlock", "SingleStreamBlock"),
+          "sdxl": ("ResBlock", "SpatialTransformer")}
 
 
 class _InplaceBlock(torch.nn.Module):
@@ -68,12 +69,15 @@ def test_blocks_adding_in_place_to_their_inputs_give_the_same_gradient(host):
     assert not any("forward" in b.__dict__ for b in blocks)
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
 def family(request, host):
     import comfy.supported_models
+    import nodes
 
     fam = FAMILIES[request.param]
     missing = [name for name in fam.requires if not hasattr(comfy.supported_models, name)]
+    if not missing and "weight_dtype" not in nodes.UNETLoader.INPUT_TYPES()["required"]:
+        missing = ["UNETLoader weight_dtype"]
     if missing:
         pytest.skip(f"{fam.name}: {host_label(host)} has no {', '.join(missing)} model support (comfy."
                     f"supported_models.{missing[0]}); low_memory on this family is tested on ComfyUI v0.3.64 "
@@ -141,11 +145,13 @@ def guided(host, fam, loaded, low_memory: bool, monkeypatch=None):
 
     if monkeypatch is not None:  # the denoiser's own saved-tensor hooks (Flux blocks add residuals in place)
         bridge = pack_module("nodes.comfy_bridge")
-        pack = bridge._pack_saved
+        pack, targeted = bridge._pack_saved, bridge._InplaceTargets.pack
         monkeypatch.setattr(bridge, "_pack_saved", lambda t: pack(record(t)))
+        monkeypatch.setattr(bridge._InplaceTargets, "pack", lambda self, t: targeted(self, record(t)))
     img = torch.zeros(1, SIZE, SIZE, 3)
     img[:, :, : SIZE // 2] = 1.0
-    latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
+    channels = 4 if fam.name == "sdxl" else 16
+    latent = {"samples": torch.zeros(1, channels, SIZE // 8, SIZE // 8)}
     knobs = {**prompts.KNOBS, "forward_strength": 2.0, "strength_mode": "normalized", "low_memory": low_memory}
     try:
         with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t), torch.inference_mode():

@@ -160,13 +160,32 @@ def test_sd15_guided_run_copies_no_weights(host, reference, swaps, caplog, monke
     assert d(image_a) < 0.9 * d(image_0), (d(image_a), d(image_0))
 
 
-def test_flux_guided_run_copies_no_weights(host, reference, swaps, caplog):
+@pytest.fixture
+def saved_copies(monkeypatch):
+    """(bytes copied, bytes of gradient-path activations saved) of each denoiser call on models whose blocks add a
+    residual in place (``comfy_bridge._InplaceTargets``), recorded when the call's guard closes."""
+    targets = pack("comfy_bridge")._InplaceTargets
+    close = targets.close
+    seen = []
+
+    def spy(self):
+        if self.grad_path_bytes:
+            seen.append((self.copied_bytes, self.grad_path_bytes))
+        return close(self)
+
+    monkeypatch.setattr(targets, "close", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_family_guided_run_copies_no_weights(host, reference, swaps, saved_copies, caplog, family):
     import comfy.supported_models
 
-    fam = FAMILIES["flux"]
-    if not hasattr(comfy.supported_models, "Flux"):
-        pytest.skip(f"flux: {host_label(host)} has no Flux model support (comfy.supported_models.Flux); this "
-                    f"test runs on ComfyUI v0.3.64 (COMFYUI_PATH=…)")
+    fam = FAMILIES[family]
+    missing = [name for name in fam.requires if not hasattr(comfy.supported_models, name)]
+    if missing:
+        pytest.skip(f"{family}: {host_label(host)} has no {missing[0]} support (comfy.supported_models."
+                    f"{missing[0]}); this test runs on ComfyUI v0.3.64 (COMFYUI_PATH=…)")
     names = ensure_files(fam)
     with family_folders(host, fam):
         p = build_prompt(fam, names)
@@ -190,5 +209,14 @@ def test_flux_guided_run_copies_no_weights(host, reference, swaps, caplog):
                   .astype(np.float64) / 255.0 for k, n in (("unguided", "7"), ("guided", "17"))}
         d = {k: float(((v - reference) ** 2).mean()) for k, v in images.items()}
         assert d["guided"] < 0.9 * d["unguided"], d
+        if family == "flux":
+            # Flux's blocks add residuals in place: only the tensors saved from those blocks' inputs are copied
+            # (before, every activation on the gradient path was), and the run's gradient is still right (an
+            # in-place change to a kept tensor would have been an error when backward unpacked it).
+            assert saved_copies, "no guided denoiser call went through the in-place guard"
+            copied, on_path = map(sum, zip(*saved_copies))
+            assert 0 < copied < 0.25 * on_path, (copied, on_path)
+        else:
+            assert not saved_copies
         del model
         swaps.clear()
