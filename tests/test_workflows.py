@@ -59,7 +59,9 @@ def test_workflows_saved_by_the_previous_release_still_load(name, host, info):
     warnings = []
     prompt = ui_to_api(wf, info, warnings=warnings)
     sampler = prompt["20" if "samplercustom" in name else "5"]["inputs"]
-    assert sampler["max_step"] == 10.0 and sampler["cfg_branch"] == "combined" and sampler["low_memory"] is False
+    # low_memory did not exist then: its default 'auto' keeps the gradient the same (it only decides, from the
+    # free memory, whether activations are recomputed instead of kept).
+    assert sampler["max_step"] == 10.0 and sampler["cfg_branch"] == "combined" and sampler["low_memory"] == "auto"
     assert any("max_step" in w for w in warnings)
     wfiles.substitute_files_api(prompt)
     ok, error, _, node_errors = host.validate(prompt)
