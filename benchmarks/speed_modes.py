@@ -32,7 +32,7 @@ the targets are checked on both. The load average is sampled during the run.
     python -m benchmarks.speed_modes --latent 64 --out out/bench            # CPU: speed_512.json, speed_512.png
     python -m benchmarks.speed_modes --latent 64 --device cuda --end-to-end  # GPU: speed_512_cuda.json, .png
 
-``--end-to-end`` adds whole images: the Universal Guidance KSampler (image guidance, 50 steps, k = 2 in a 50 %
+``--end-to-end`` adds whole images: the Universal KSampler (image guidance, 50 steps, k = 2 in a 50 %
 window) against the stock KSampler (``ddim``, 50 steps), both with the final VAE decode, seconds per image.
 """
 from __future__ import annotations
@@ -418,7 +418,7 @@ class ModeBench(speed.SpeedBench):
     # ---- whole images (GPU figure)
     def end_to_end(self, *, steps: int = 50, recurrence: int = 2, window=(0.5, 1.0), repeats: int = 3,
                    decoders=("vae", "taesd"), warmup_steps: int = 2) -> dict:
-        """Seconds per image: the Universal Guidance KSampler node (image guidance, k = ``recurrence`` in the
+        """Seconds per image: the Universal KSampler node (image guidance, k = ``recurrence`` in the
         ``window``) and the stock KSampler (``ddim``), same model, prompt, steps, cfg and scheduler, each followed by
         the stock VAE Decode; medians of ``repeats`` interleaved runs after one short warm-up run of each."""
         import nodes

@@ -107,6 +107,28 @@ def _manual_hint(path: str, url: str) -> str:
             f"in the folder {folder!r}")
 
 
+def _cause(e: BaseException) -> str:
+    """Why a download failed, in words: the reason inside a ``URLError``, the exception's own text, or (for
+    exceptions without text, such as a bare timeout or a dropped connection) what its type means."""
+    while isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        if not isinstance(e.reason, BaseException):
+            return str(e.reason).strip() or "the URL could not be opened"
+        e = e.reason
+    if isinstance(e, urllib.error.HTTPError):
+        return f"the server answered HTTP {e.code} {e.reason or ''}".strip()
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+    else:
+        text = str(e).strip()
+    if text:
+        return text
+    if isinstance(e, TimeoutError):
+        return "the connection timed out"
+    if isinstance(e, (ConnectionError, http.client.HTTPException)):
+        return f"the connection failed ({type(e).__name__})"
+    return type(e).__name__
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -133,7 +155,7 @@ def ensure_file(path: str, url: str, *, progress: bool = True, sha256: Optional[
     name = os.path.basename(path)
 
     def failed(e: Exception) -> RuntimeError:
-        return RuntimeError(f"could not download {name!r} from {url} ({e}); {_manual_hint(path, url)}")
+        return RuntimeError(f"could not download {name!r}: {_cause(e)}; {_manual_hint(path, url)}")
 
     try:  # connect first: offline, nothing is created on disk
         request = urllib.request.Request(url, headers={"User-Agent": "comfyui-universal-guidance"})

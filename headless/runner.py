@@ -1,6 +1,7 @@
 """``python -m headless run WORKFLOW.json``: run a UI- or API-format workflow in a headless ComfyUI.
 
-    python -m headless run workflows/image.json --set 5.steps=20 --set 11.image=photo.png --out out/run
+    python -m headless run "example_workflows/Image guidance (KSampler).json" --set 5.steps=20 \
+        --set 11.image=photo.png --out out/run
     python -m headless run wf.json --comfyui ~/ComfyUI --models ~/models --set 1.ckpt_name=sd15.safetensors
 
 * ``--set NODE_ID.INPUT=VALUE`` (repeatable) changes an input after the UI → API conversion; VALUE is read as

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .nodeinfo import default_value, input_type, socket_inputs, types_compatible, widget_layout
+from .nodeinfo import default_value, input_options, input_type, socket_inputs, types_compatible, widget_layout
 
 NOTE_TYPES = ("Note", "MarkdownNote")
 SLOT_H, WIDGET_H, TITLE_H = 20, 24, 30
@@ -52,14 +52,28 @@ class BuildError(ValueError):
     pass
 
 
-def _estimate_size(n_slots: int, layout, width: float) -> list[float]:
-    height = max(1, n_slots) * SLOT_H + 8
+def min_node_size(node_info: dict, title: str | None = None, values: dict | None = None) -> tuple[float, float]:
+    """The smallest size (below the title bar) at which the frontend draws a node of this type without widgets or
+    slots spilling out: one 20 px row per socket row (inputs and outputs side by side), 24 px per widget (90 for a
+    multiline text box), and a margin; at least as large as the frontends' own ``computeSize`` (checked in the
+    browser on the 2024-03 and the v0.3.64 frontends by tests/test_live_server.py). ``values`` (widget name →
+    value) widens the node so that a one-line widget shows its label and its whole value side by side."""
+    layout = widget_layout(node_info)
+    rows = max(len(socket_inputs(node_info)), len(node_info.get("output") or ()), 1)
+    height = rows * SLOT_H + 16
     for slot in layout:
         spec = slot.spec
         multiline = slot.kind == "value" and input_type(spec) == "STRING" and \
             isinstance(spec, (list, tuple)) and len(spec) > 1 and spec[1].get("multiline")
         height += 90 if multiline else WIDGET_H
-    return [float(width), float(height)]
+    text = title or node_info.get("display_name") or node_info.get("name") or ""
+    width = max(240, 8 * len(text) + 60)
+    for slot in layout:
+        value = (values or {}).get(slot.name, default_value(slot.spec)) if slot.kind == "value" else None
+        if isinstance(value, str) and "\n" not in value and not (
+                input_type(slot.spec) == "STRING" and input_options(slot.spec).get("multiline")):
+            width = max(width, 7.5 * (len(slot.name) + len(value)) + 90)
+    return float(round(width)), float(height)
 
 
 def _output_index(info: dict, ref: Ref, node_type: str) -> int:
@@ -145,10 +159,10 @@ def build_ui(nodes: list[Node], info: dict, *, groups: list[Group] = (), extra: 
             links.append([link_id, src.id, out_index, n.id, slot_index, out_type])
             out_links.setdefault((src.id, out_index), []).append(link_id)
             ui_inputs.append({"name": name, "type": kind, "link": link_id})
+        need = min_node_size(node_info, n.title, n.inputs)
+        size = [max(need[0], n.size[0]), max(need[1], n.size[1])] if n.size else list(need)
         entry = {
-            "id": n.id, "type": n.type, "pos": list(n.pos),
-            "size": list(n.size) if n.size else _estimate_size(max(len(ui_inputs), len(node_info["output"])),
-                                                               layout, 315),
+            "id": n.id, "type": n.type, "pos": list(n.pos), "size": size,
             "flags": {}, "order": 0, "mode": 0,
         }
         if ui_inputs:
@@ -196,7 +210,7 @@ def build_ui(nodes: list[Node], info: dict, *, groups: list[Group] = (), extra: 
             raise BuildError(f"group {g.title!r} names nodes that do not exist")
         x0 = min(e["pos"][0] for e in members) - 20
         y0 = min(e["pos"][1] for e in members) - TITLE_H - 50
-        x1 = max(e["pos"][0] + e["size"][0] for e in members) + 20
+        x1 = max(max(e["pos"][0] + e["size"][0] for e in members) + 20, x0 + group_title_width(g.title))
         y1 = max(e["pos"][1] + e["size"][1] for e in members) + 20
         ui_groups.append({"title": g.title, "bounding": [x0, y0, x1 - x0, y1 - y0], "color": g.color,
                           "font_size": 24, "flags": {}})
@@ -211,6 +225,83 @@ def build_ui(nodes: list[Node], info: dict, *, groups: list[Group] = (), extra: 
         "extra": {"ds": {"scale": 0.6, "offset": [20, 120]}, **(extra or {})},
         "version": 0.4,
     }
+
+
+GROUP_PAD, GROUP_HEAD = 20, TITLE_H + 50  # a group's box around its members (see build_ui)
+
+
+def group_title_width(title: str, font_size: int = 24) -> float:
+    """A generous width of a group's title as the frontends draw it (sans-serif, ``font_size`` px), plus margins:
+    the group is made at least this wide so that its title stays inside it."""
+    return round(0.6 * font_size * len(title)) + 24
+
+
+def stack_layout(nodes: list[Node], info: dict, groups: list[Group] = (), *, top: float = 20, left: float = 20,
+                 gap_x: float = 60, gap_y: float = 40) -> list[Node]:
+    """Positions for ``nodes`` so that nothing overlaps: ``pos = (column, order)`` is read as a column index and
+    an order within the column (smaller first); each node gets its size (``min_node_size``, or ``size`` where
+    larger) and is stacked below the one before it in its column. Columns are as wide as their widest node, side
+    by side. A group's members start together below a shared top, under its title; other nodes of the columns a
+    group spans go above or below the group's box. Returns new ``Node``s with canvas positions and sizes."""
+    import dataclasses
+
+    sizes = {}
+    for n in nodes:
+        if n.type in NOTE_TYPES:
+            sizes[n.id] = tuple(n.size or (400, 200))
+        else:
+            need = min_node_size(info[n.type], n.title, n.inputs)
+            sizes[n.id] = (max(need[0], n.size[0]), max(need[1], n.size[1])) if n.size else need
+    columns = sorted({n.pos[0] for n in nodes})
+    widths = {c: max(sizes[n.id][0] for n in nodes if n.pos[0] == c) for c in columns}
+    for g in groups:  # a group as wide as its title: its last column grows
+        cols = sorted({n.pos[0] for n in nodes if n.id in g.members})
+        span = [c for c in columns if cols[0] <= c <= cols[-1]]
+        have = sum(widths[c] for c in span) + gap_x * (len(span) - 1) + 2 * GROUP_PAD
+        widths[span[-1]] += max(0, group_title_width(g.title) - have)
+    xs, x = {}, left
+    for c in columns:
+        xs[c] = x
+        x += widths[c] + gap_x
+    group_of = {}
+    for g in groups:
+        for member in g.members:
+            group_of[member] = g.title
+    spans = {}
+    for g in groups:
+        cols = [n.pos[0] for n in nodes if n.id in g.members]
+        spans[g.title] = [c for c in columns if min(cols) <= c <= max(cols)]
+    remaining = {g.title: set(g.members) for g in groups}
+    cursor = {c: top for c in columns}
+    open_groups, bottom = {}, {}
+    placed = {}
+    pending = sorted(nodes, key=lambda n: (n.pos[1], n.pos[0]))
+    while pending:
+        for n in pending:
+            col, g = n.pos[0], group_of.get(n.id)
+            if any(col in spans[t] and t != g for t in open_groups):
+                continue  # the column is inside another group's box until that group closes
+            break
+        else:
+            raise BuildError("stack_layout: groups that interleave in one column cannot be laid out")
+        pending.remove(n)
+        if g is not None and g not in open_groups:
+            start = max(cursor[c] for c in spans[g])
+            open_groups[g] = start
+            for c in spans[g]:
+                cursor[c] = start + GROUP_HEAD - TITLE_H
+        w, h = sizes[n.id]
+        y = cursor[col] + TITLE_H
+        placed[n.id] = dataclasses.replace(n, pos=(xs[col], y), size=(w, h))
+        cursor[col] = y + h + gap_y
+        if g is not None:
+            bottom[g] = max(bottom.get(g, 0), y + h)
+            remaining[g].discard(n.id)
+            if not remaining[g]:
+                del open_groups[g]
+                for c in spans[g]:
+                    cursor[c] = bottom[g] + GROUP_PAD + gap_y
+    return [placed[n.id] for n in nodes]
 
 
 def set_widgets(workflow: dict, info: dict, changes: dict) -> dict:
@@ -232,3 +323,37 @@ def set_widgets(workflow: dict, info: dict, changes: dict) -> dict:
                 stored.append(default_value(layout[len(stored)].spec))
             stored[index] = value
     return workflow
+
+
+def _intersect(a, b) -> bool:
+    """Whether two ``[x, y, w, h]`` boxes share any area (touching edges do not count)."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _inside(a, b) -> bool:
+    return b[0] <= a[0] and b[1] <= a[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+
+
+def layout_problems(nodes: list[dict], groups: list[dict], group_title_h: float = 34.0) -> list[str]:
+    """What overlaps on a canvas. ``nodes``: ``{"name", "box": [x, y, w, h]}`` with the title bar included;
+    ``groups``: ``{"name", "box"}`` (the title band is the top ``group_title_h`` px of the box). A node must not
+    share area with another node; it lies either wholly inside a group, below its title band, or wholly outside
+    it; two groups nest or do not touch."""
+    problems = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if _intersect(a["box"], b["box"]):
+                problems.append(f"node {a['name']} overlaps node {b['name']}")
+        for g in groups:
+            box = g["box"]
+            if not _intersect(a["box"], box):
+                continue
+            body = [box[0], box[1] + group_title_h, box[2], box[3] - group_title_h]
+            if not _inside(a["box"], body):
+                where = "the title of group" if _inside(a["box"], box) else "the edge of group"
+                problems.append(f"node {a['name']} overlaps {where} {g['name']!r}")
+    for i, g in enumerate(groups):
+        for h in groups[i + 1:]:
+            if _intersect(g["box"], h["box"]) and not (_inside(g["box"], h["box"]) or _inside(h["box"], g["box"])):
+                problems.append(f"group {g['name']!r} overlaps group {h['name']!r}")
+    return problems

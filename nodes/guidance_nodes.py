@@ -81,8 +81,9 @@ class UniversalGuidanceImage(LossNode):
                 "image": ("IMAGE", {"tooltip": "Reference image; resized (bilinear) to the generated size."}),
                 "loss": (["l2", "l1"], {"default": "l2", "tooltip": "Per-pixel distance: l2 (squared) or l1, "
                                                                     "averaged over the guided pixels, RGB in [0,1]."}),
-                **term_inputs(100.0, "Multiplies this loss (mean squared RGB error in [0,1]²); with the sampler "
-                                     "in 'paper' mode the step is forward_strength × weight × σ² × gradient."),
+                **term_inputs(100.0, "How strongly the image is pulled towards the reference: this term's "
+                                     "share of the sampler's strength. 100 is a good start (10–1000); raise it "
+                                     "when the reference does not show, lower it when the image breaks up."),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Where to guide: 1 (white) = pull towards the reference, 0 = free. "

@@ -80,9 +80,10 @@ def _load_clip(node: str, clip_model: str, architecture: str):
         raise _fail(node, "clip_model", e) from None
 
 
-def _clip_inputs() -> dict:
+def _clip_inputs(default: str = "ViT-B-32.pt") -> dict:
     return {
         "clip_model": (model_files.choices("ug_clip"), {
+            "default": default,
             "tooltip": "open_clip / OpenAI CLIP weights in models/universal_guidance/clip (standard files are "
                        "downloaded on first use)."}),
         "architecture": ([AUTO] + _clip_archs(), {
@@ -153,7 +154,7 @@ class UniversalGuidanceStyle(ClipNode):
         return {
             "required": {
                 "style_image": ("IMAGE", {"tooltip": "The style reference."}),
-                **_clip_inputs(),
+                **_clip_inputs("RN50.pt"),
                 "gram_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
                                           "tooltip": "Weight of the Gram-matrix loss (relative error of feature "
                                                      "correlations) next to the embedding loss (weight 1)."}),
@@ -192,16 +193,20 @@ class UniversalGuidanceSegmentation(LossNode):
         return {
             "required": {
                 "model": (model_files.choices("ug_segmentation"), {
+                    "default": "lraspp_mobilenet_v3_large-d234d4ea.pth",
                     "tooltip": "torchvision segmentation weights (VOC labels) in "
                                "models/universal_guidance/segmentation."}),
                 "architecture": ([AUTO] + _seg_archs(), {"default": AUTO,
                                                          "tooltip": "Network of the file; 'auto' reads it from "
                                                                     "the file name."}),
                 "class_name": (list(VOC_CLASSES), {"default": "person",
-                                                   "tooltip": "With a MASK target: the class painted where the "
-                                                              "mask is 1."}),
+                                                   "tooltip": "Only with a MASK target (ignored when "
+                                                              "segmentation_map is connected): the class the "
+                                                              "masked area should show."}),
                 "outside_mask": (["background", "ignore"], {
-                    "tooltip": "With a MASK target: what the rest is — 'background', or 'ignore' (don't care)."}),
+                    "default": "background",
+                    "tooltip": "Only with a MASK target (ignored when segmentation_map is connected): what "
+                               "the area outside the mask should be — 'background', or 'ignore' (anything)."}),
                 "input_size": ("INT", {"default": 520, "min": 64, "max": 2048, "step": 8,
                                        "tooltip": "The decoded image's shorter side is resized to this for the "
                                                   "network (the paper: 520)."}),
@@ -260,10 +265,13 @@ class UniversalGuidanceFace(LossNode):
             "required": {
                 "reference": ("IMAGE", {"tooltip": "A photo with a clearly visible face."}),
                 "model": (model_files.choices("ug_face"), {
+                    "default": "20180402-114759-vggface2.pt",
                     "tooltip": "InceptionResnetV1 weights in models/universal_guidance/face."}),
-                "loss": (["l1", "cosine"], {"tooltip": "l1: mean absolute difference of the 512-d embeddings "
+                "loss": (["l1", "cosine"], {"default": "l1",
+                    "tooltip": "l1: mean absolute difference of the 512-d embeddings "
                                                        "(paper); cosine: 1 − cosine similarity."}),
-                "crop": (["detect", "full"], {"tooltip": "detect: MTCNN finds the face in every decoded image "
+                "crop": (["detect", "full"], {"default": "detect",
+                    "tooltip": "detect: MTCNN finds the face in every decoded image "
                                                          "(steps without a face are skipped and counted in the "
                                                          "log); full: use the whole image (close-up portraits)."}),
                 **term_inputs(20000.0, "Multiplies the loss. The paper's s0 = 20000 with the l1 loss (mean over the "
@@ -305,13 +313,15 @@ class UniversalGuidanceDetection(LossNode):
                                      "tooltip": "'x0,y0,x1,y1,label; …' — COCO category names (or ids 1–90). "
                                                 "Pixels of a width×height image, or relative (0–1) when "
                                                 "coordinates is 'relative'."}),
-                "coordinates": (["pixels", "relative"], {"tooltip": "How the box numbers are given."}),
+                "coordinates": (["pixels", "relative"], {"default": "pixels",
+                    "tooltip": "How the box numbers are given."}),
                 "width": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8,
                                   "tooltip": "Width of the image the pixel boxes refer to (the generated size); "
                                              "boxes are scaled if the output differs."}),
                 "height": ("INT", {"default": 512, "min": 8, "max": 16384, "step": 8,
                                    "tooltip": "Height of the image the pixel boxes refer to."}),
                 "model": (model_files.choices("ug_detection"), {
+                    "default": "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
                     "tooltip": "Faster R-CNN ResNet50-FPN v2 (COCO) weights in "
                                "models/universal_guidance/detection."}),
                 "box_regression": ("BOOLEAN", {"default": False,

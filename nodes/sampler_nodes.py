@@ -1,4 +1,4 @@
-"""The Universal Guidance KSampler and the SAMPLER node for SamplerCustom / SamplerCustomAdvanced."""
+"""The Universal KSampler and the SAMPLER node for SamplerCustom / SamplerCustomAdvanced."""
 from __future__ import annotations
 
 import comfy.sample
@@ -14,25 +14,33 @@ from .validation import CheckedNode
 
 CATEGORY = "sampling/universal guidance"
 
-# The guidance knobs shared by both sampler nodes, in widget order. Units are stated in every tooltip.
+# The guidance knobs shared by both sampler nodes, in widget order. Tooltips say in words what a knob does, a
+# typical range and which way to turn it; the formulas are in the README's 'Guidance knobs' table.
+MATHS = " Formulas: README, 'Guidance knobs'."
 GUIDANCE_KNOBS = {
     "forward_strength": ("FLOAT", {
         "default": 1.0, "min": 0.0, "max": 1.0e6, "step": 0.01,
-        "tooltip": "Forward guidance strength s0. 'paper' mode: x̂0 ← x̂0 − s0·σ²·∇ₓloss (SD1.x/XL; b²/a·∇ for "
-                   "flow models) — the official code's s(t)=s0·sqrt(1−ᾱ_t); guidance-node weights multiply it. "
-                   "'normalized' mode: the predicted noise moves by s0·‖ε‖ (0.05–0.5 is typical). 0 disables."}),
+        "tooltip": "How hard each guided step pulls the image towards the guidance targets. Raise it when the "
+                   "result ignores the target; lower it when the image breaks up (noise, burnt colours). "
+                   "'paper' mode: 1 with the example workflows' weights (the loss nodes' weight multiplies it). "
+                   "'normalized' mode: a fraction of the step's noise, 0.05–0.5. 0 = no forward guidance."
+                   + MATHS}),
     "recurrence": ("INT", {
         "default": 1, "min": 1, "max": 100,
-        "tooltip": "Self-recurrence k: each guided step is taken k times, re-noising back in between. Costs k× "
-                   "per guided step; the paper uses 2–10."}),
+        "tooltip": "How many times each guided step is repeated, adding the step's noise back in between, so "
+                   "that the guidance takes hold without breaking the image. 1 = off; the paper uses 2–10 (more "
+                   "for strong targets such as segmentation maps). Each guided step costs this many times "
+                   "more."}),
     "backward_steps": ("INT", {
         "default": 0, "min": 0, "max": 200,
-        "tooltip": "Backward guidance m: optimization steps on a correction Δx̂0 of the clean latent per guided "
-                   "iteration (0 disables). Each costs one VAE decode + guidance network forward/backward."}),
+        "tooltip": "Extra optimization steps per guided step that adjust the predicted clean image directly "
+                   "towards the target (backward guidance). 0 = off; 1–10 typical: more = closer to the target, "
+                   "slower. Each costs one VAE decode plus one guidance-network pass, forward and backward."}),
     "backward_lr": ("FLOAT", {
         "default": 0.1, "min": 0.0, "max": 100.0, "step": 0.001,
-        "tooltip": "Learning rate of the backward steps, in latent units per step (Adam: about the per-element "
-                   "change per step)."}),
+        "tooltip": "Step size of the backward steps, in latent units (with adam: about how much each latent "
+                   "value may change per step). 0.01–0.5 typical; raise it when backward steps change "
+                   "nothing."}),
     "start_percent": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
         "tooltip": "Guide only from this fraction of the run's steps on (0 = first step)."}),
@@ -44,40 +52,46 @@ GUIDANCE_KNOBS = {
 ADVANCED_KNOBS = {
     "strength_mode": (list(STRENGTH_MODES), {
         "default": "paper",
-        "tooltip": "'paper': fixed strength s0 in the paper's unit. 'normalized': the gradient is rescaled so the "
-                   "noise moves by s0·‖ε‖ — one setting works across losses. 'polyak' (Shen et al. 2024, as "
-                   "their code): the noise moves by s0·‖ε‖/‖∇‖²·∇ (longer steps where the gradient is flat; s0 "
-                   "≈ 0.001–2). 'polyak_loss' (classical Polyak step): x̂0 moves by s0·(loss − floor)/‖∇‖²·∇ "
-                   "(s0 = 1 reaches the minimum of a locally linear loss)."}),
+        "tooltip": "What forward_strength measures. 'paper': the paper's unit (the weights of each loss node "
+                   "are tuned for it). 'normalized': a fraction of the step's noise, so one setting (0.05–0.5) "
+                   "works for any loss. 'polyak' (Shen et al. 2024): longer steps where the loss is flat, "
+                   "forward_strength 0.001–2. 'polyak_loss': the step that would reach the loss's minimum, "
+                   "forward_strength about 1." + MATHS}),
     "schedule": (list(SCHEDULES), {
         "default": "constant",
-        "tooltip": "How the forward strength changes across the guidance window: constant, or linear / cosine "
-                   "decay from s0 to 0."}),
+        "tooltip": "How the forward strength changes across the guidance window: constant, or fading from full "
+                   "strength to 0 (linear or cosine), which lets the last guided steps settle the details."}),
     "backward_optimizer": (list(OPTIMIZERS), {
-        "default": "adam", "tooltip": "Optimizer of the backward steps."}),
+        "default": "adam", "tooltip": "How the backward steps move: 'adam' (steady, step size ≈ backward_lr), "
+                                      "'sgd' (plain gradient steps), or 'polyak' (step size from how far the "
+                                      "loss is above its minimum)." + MATHS}),
     "backward_early_stop": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 1.0e6, "step": 0.001,
-        "tooltip": "An image stops its backward steps once its guidance loss is below this value (0 = never)."}),
+        "tooltip": "Stop an image's backward steps early once its guidance loss is below this value (in the "
+                   "loss's own units, as the run report shows it). 0 = always run all of them."}),
     "jacobian": ("BOOLEAN", {
         "default": True,
-        "tooltip": "On: back-propagate through the diffusion model (paper). Off: gradient w.r.t. the clean "
-                   "prediction only (MPGD-style), roughly half the cost per guided step. Self-guidance needs on."}),
+        "tooltip": "On (as in the paper): the guidance gradient passes through the diffusion model. Off: it "
+                   "stops at the predicted clean image, about half the cost per guided step and often "
+                   "enough for image-space losses. Self-guidance needs it on."}),
     "smoothing": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001,
-        "tooltip": "TFG's implicit dynamics σ̄: image terms are scored on smoothing_samples copies of the decoded "
-                   "image plus Gaussian noise of std σ̄·sqrt(1−ᾱ) (image units, [0,1]); one decode. 0 = off."}),
+        "tooltip": "Scores the decoded image on noisy copies (noise of this size, in image units 0–1, shrinking "
+                   "as sampling goes on), which smooths out adversarial gradients (TFG's implicit dynamics). "
+                   "0 = off; 0.05–0.3 typical, with smoothing_samples > 0." + MATHS}),
     "smoothing_samples": ("INT", {
         "default": 0, "min": 0, "max": 64,
-        "tooltip": "How many noisy copies the smoothing averages (each costs the guidance networks, not the "
-                   "decoder). 0 = off."}),
+        "tooltip": "How many noisy copies the smoothing scores (each costs one guidance-network pass, not a "
+                   "decode). 0 = off; 4–16 typical."}),
     "smoothing_reduction": (["mean", "logmeanexp"], {
         "default": "mean",
-        "tooltip": "How the smoothed copies' losses combine: 'mean', or TFG's log-mean-exp −log mean exp(−loss)."}),
+        "tooltip": "How the noisy copies' losses combine: 'mean' (average), or 'logmeanexp' (TFG's choice, "
+                   "dominated by the copies that already score well)."}),
     "max_step": ("FLOAT", {
         "default": 10.0, "min": 0.0, "max": 1.0e6, "step": 0.1,
-        "tooltip": "Bound of one forward-guidance update: the predicted noise moves by at most max_step·‖ε‖ per "
-                   "image, so no strength pushes the latent beyond what a half-precision VAE can decode; capped "
-                   "updates are counted in the run's summary. 0 = no bound."}),
+        "tooltip": "Safety cap on one forward-guidance update, in multiples of the step's noise: no strength "
+                   "can push the latent beyond what the VAE can decode (capped updates are counted in the run "
+                   "report). 10 rarely binds; lower it if images turn black or burnt. 0 = no cap."}),
     "guidance_vae": ("VAE", {
         "tooltip": "Optional cheaper VAE that decodes the clean prediction for the guidance networks only, e.g. "
                    "Load VAE → taesd / taesdxl / taesd3 / taef1 (files in models/vae_approx): ~18× fewer FLOPs than "
@@ -85,11 +99,10 @@ ADVANCED_KNOBS = {
                    "see a softer image. The output latent is unchanged; decode it with the full VAE as usual."}),
     "cfg_branch": (["combined", "cond", "uncond"], {
         "default": "combined",
-        "tooltip": "Which CFG branch the gradient flows through: 'combined' = the CFG prediction (paper); 'cond' "
-                   "or 'uncond' = that branch only, the other branch runs without autograd in its own call (less "
-                   "backward work; the official detection script differentiates the unconditional branch). At cfg 1 "
-                   "there is no unconditional batch: 'uncond' then uses the conditional one, and the summary says "
-                   "so."}),
+        "tooltip": "Which half of classifier-free guidance the guidance gradient passes through: 'combined' (the "
+                   "paper), or only 'cond' / 'uncond' (less backward work; the paper's detection script used "
+                   "'uncond'). At cfg 1 there is no unconditional half: 'uncond' then uses the conditional one "
+                   "and the run report says so."}),
     "low_memory": (memory_plan.LOW_MEMORY_CHOICES, {
         "default": "auto",
         "tooltip": "Recompute the denoiser's block activations (UNet blocks; SD3 and Flux transformer blocks) and "
@@ -163,7 +176,7 @@ def check_vae(node: str, vae):
 class UniversalGuidanceSampler(CheckedNode):
     """A SAMPLER for the stock SamplerCustom / SamplerCustomAdvanced."""
 
-    NAME = "Universal Guidance Sampler"
+    NAME = "Guidance Sampler (Universal)"
     DESCRIPTION = ("Universal Guidance (Bansal et al. 2023) as a SAMPLER: DDIM/Euler steps with forward guidance "
                    "through the decoded clean prediction, optional backward guidance and self-recurrence.")
 
@@ -212,7 +225,7 @@ class UniversalGuidanceRunReport(CheckedNode):
     """The run report of a Universal Guidance SAMPLER, for SamplerCustom / SamplerCustomAdvanced graphs."""
 
     NAME = "UG Run Report"
-    DESCRIPTION = ("A picture of the last run of a Universal Guidance Sampler: each term's loss per step (and per "
+    DESCRIPTION = ("A picture of the last run of a Guidance Sampler (Universal): each term's loss per step (and per "
                    "recurrence), the guidance window shaded, the run's counts in the caption.")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("report",)
@@ -222,24 +235,24 @@ class UniversalGuidanceRunReport(CheckedNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sampler": ("SAMPLER", {"tooltip": "The Universal Guidance Sampler whose run to show."}),
+            "sampler": ("SAMPLER", {"tooltip": "The Guidance Sampler (Universal) whose run to show."}),
             "latent": ("LATENT", {"tooltip": "The output of the SamplerCustom / SamplerCustomAdvanced that ran it "
                                              "(connects the report after the run)."})}}
 
     def render(self, sampler, latent):
         runs = getattr(sampler, "ug_runs", None)
         if runs is None:
-            raise GuidanceInputError(f"{self.NAME}: input 'sampler' is not a Universal Guidance Sampler")
+            raise GuidanceInputError(f"{self.NAME}: input 'sampler' is not a Guidance Sampler (Universal)")
         if not runs.runs:
             raise GuidanceInputError(f"{self.NAME}: this sampler has not run yet; connect 'latent' to the output of "
                                      f"the SamplerCustom node that uses it")
-        return (render_run(runs.runs[-1], "Universal Guidance Sampler run"),)
+        return (render_run(runs.runs[-1], "Guidance Sampler (Universal) run"),)
 
 
 class UniversalGuidanceKSampler(CheckedNode):
     """KSampler-style convenience node over the same SAMPLER."""
 
-    NAME = "Universal Guidance KSampler"
+    NAME = "Universal KSampler"
     DESCRIPTION = ("Samples like KSampler, steered by Universal Guidance terms (CLIP, segmentation, face, "
                    "detection, style, image) evaluated on the decoded clean prediction at every guided step.")
 
@@ -261,7 +274,10 @@ class UniversalGuidanceKSampler(CheckedNode):
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale (1 = off, half the cost)."}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
-                    "tooltip": "Noise schedule (the σ of each step)."}),
+                    "default": "ddim_uniform" if "ddim_uniform" in comfy.samplers.KSampler.SCHEDULERS
+                    else comfy.samplers.KSampler.SCHEDULERS[0],
+                    "tooltip": "Noise schedule: how the noise level falls from step to step. ddim_uniform gives "
+                               "the DDIM steps of the paper; karras or normal are the usual ComfyUI choices."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Fraction of the schedule to run (1 = from pure noise)."}),
                 **GUIDANCE_KNOBS,

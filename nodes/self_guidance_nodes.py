@@ -49,8 +49,8 @@ def sg_inputs(weight: float, weight_tip: str) -> dict:
                        "at 512²; SDXL output 0-2, 32x32 at 1024²); 'mid decoder' the next level; 'all decoder'; "
                        "'all' (every layer, equally)."}),
         "weight": ("FLOAT", {"default": weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
-                             "tooltip": weight_tip + " Weight = the paper's v (sampler in 'paper' mode: "
-                                        "x̂0 ← x̂0 − v·σ²·∇ₓloss). Negative values push the other way; 0 = off."}),
+                             "tooltip": weight_tip + " It is the paper's v, this term's share of the "
+                                        "sampler's strength. Negative values push the other way; 0 = off."}),
         **_window(),
     }
 
@@ -86,7 +86,7 @@ class SelfGuidanceNode(LossNode):
 
 
 class UniversalGuidanceSGMove(SelfGuidanceNode):
-    NAME = "UG Self-Guidance Move"
+    NAME = "UG Move Object"
     TERM = "move"
     DESCRIPTION = ("Moves an object named by a word of the prompt: L1 between the centroid of the word's "
                    "cross-attention map and a target position (to x, y), or the unguided run's centroid shifted "
@@ -97,7 +97,7 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
         return {"required": {
             **sg_inputs(4.0, "Multiplies the loss |centroid − target| (mean over x, y; positions in [0, 1])."),
             "mode": (["to (x, y)", "by (dx, dy)"], {
-                "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the unguided "
+                "default": "to (x, y)", "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the unguided "
                            "run from the same noise puts it (costs one extra model pass per guided step)."}),
             "x": ("FLOAT", {"default": 0.25, "min": -1.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Target x ('to': 0 = left edge, 1 = right edge) or dx ('by': fraction of "
@@ -125,7 +125,7 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
 
 
 class UniversalGuidanceSGResize(SelfGuidanceNode):
-    NAME = "UG Self-Guidance Resize"
+    NAME = "Resize Object"
     TERM = "resize"
     DESCRIPTION = ("Resizes an object named by a word of the prompt: L1 between the size of the word's "
                    "thresholded attention map and factor × its size in the unguided run from the same noise.")

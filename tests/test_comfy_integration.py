@@ -92,7 +92,7 @@ def test_all_zero_guidance_is_a_clear_error(host, reference):
     assert not result.success
     err = result.error()
     assert err["node_id"] == "5"
-    assert "Universal Guidance KSampler" in err["exception_message"]
+    assert "Universal KSampler" in err["exception_message"]
     assert "input 'guidance'" in err["exception_message"]
 
 
@@ -189,7 +189,7 @@ def test_unsupported_model_type_is_refused(host):
         model_sampling = Other()
 
     with pytest.raises(bridge.GuidanceInputError, match="input 'model'.*not supported"):
-        bridge.parameterization_of(Base(), "Universal Guidance KSampler")
+        bridge.parameterization_of(Base(), "Universal KSampler")
     assert comfy.model_sampling.EPS is not None
 
 

@@ -624,6 +624,32 @@ def test_ensure_file_network_failure_names_file_folder_and_url(tmp_path):
     assert not (tmp_path / "clip").exists(), "offline, nothing may be created"
 
 
+@pytest.mark.parametrize("error, cause", [
+    (lambda: __import__("urllib.error").error.URLError(TimeoutError()), "timed out"),
+    (lambda: TimeoutError(), "timed out"),
+    (lambda: ConnectionResetError(), "ConnectionResetError"),
+    (lambda: __import__("http.client").client.RemoteDisconnected(), "RemoteDisconnected"),
+    (lambda: __import__("urllib.error").error.URLError(OSError(-2, "Name or service not known")),
+     "Name or service not known"),
+    (lambda: __import__("urllib.error").error.HTTPError("u", 404, "Not Found", {}, None), "HTTP 404 Not Found"),
+])
+def test_download_error_keeps_its_cause_and_names_the_url_once(tmp_path, monkeypatch, error, cause):
+    """An exception without text (a bare timeout, a dropped connection) is still explained, never as '()', and
+    the URL appears once, in the instruction to fetch it by hand."""
+    import urllib.request
+    url = "https://example.invalid/models/net.pth"
+
+    def offline(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError) as info:
+        ug_dl.ensure_file(str(tmp_path / "net.pth"), url, progress=False)
+    message = str(info.value)
+    assert cause in message and "()" not in message and ": ;" not in message, message
+    assert message.count(url) == 1 and "by hand" in message, message
+
+
 def test_weight_file_table_matches_the_installed_libraries():
     import open_clip
     from torchvision.models import detection, segmentation

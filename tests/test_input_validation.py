@@ -52,7 +52,7 @@ def test_non_finite_term_weight_is_refused_naming_node_and_input(host, reference
 @pytest.mark.parametrize("name", ["cfg", "denoise", "forward_strength", "backward_lr", "max_step", "smoothing"])
 def test_nan_sampler_values_are_refused_naming_node_and_input(host, reference, name):
     text = _validation_text(host, guided(reference, **{name: math.nan}))
-    assert "Universal Guidance KSampler" in text and f"input '{name}'" in text and "NaN" in text, text
+    assert "Universal KSampler" in text and f"input '{name}'" in text and "NaN" in text, text
 
 
 def test_nan_or_infinite_box_coordinates_are_refused(host, reference):
@@ -78,7 +78,7 @@ def test_combo_values_outside_their_lists_are_refused_where_the_node_checks_its_
         "clip": ["1", 1], "prompt": "a photo of a cat", "words": "cat", "layers": "all", "weight": 4.0,
         "start_percent": 0.0, "end_percent": 0.6, "mode": "bogus", "x": 0.2, "y": 0.5}}
     text = _validation_text(host, p)
-    assert "input 'mode'" in text and "UG Self-Guidance Move" in text, text
+    assert "input 'mode'" in text and "UG Move Object" in text, text
     assert "input 'strength_mode'" in text and "input 'cfg_branch'" in text, text
 
 

@@ -1,12 +1,17 @@
 """The real ComfyUI server (``python -m headless serve``) with this pack, on 127.0.0.1 and a free port, and the
 real frontend in headless Chromium: GET /object_info lists every node of the pack with tooltips, POST /prompt
 rejects bad inputs naming node and input, and in the browser the node search finds the pack's nodes and
-workflows/image.json loads, queues and finishes (tiny random-weight checkpoint: the picture is noise).
+the image-guidance example workflow loads, queues and finishes (tiny random-weight checkpoint: the picture is noise).
+Also in the browser (one session for all): a prompt the server refuses brings up the frontend's error dialog;
+every example workflow loads with no node covering another node or a group; on the current frontend the node
+search ranks the right node first for everyday queries, and the template browser lists the example workflows
+with thumbnails.
 
 The browser part needs the Debian package ``chromium`` and the Python package ``playwright`` (no browser download:
 it drives /usr/bin/chromium); it is skipped with a message when either is missing. A screenshot goes to
-out/live-server/; the canvas screenshot becomes docs/screenshot.png when that file is missing or
-UG_UPDATE_SCREENSHOT=1.
+out/live-server/; the canvas screenshot becomes docs/screenshot.png, and (current frontend) the pictures of
+two workflows docs/workflow-*.png and every workflow's thumbnail example_workflows/<name>.jpg, when the file is
+missing or UG_UPDATE_SCREENSHOT=1.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 START_TIMEOUT = 150  # s, server start (imports torch and ComfyUI on a busy machine)
 RUN_TIMEOUT = 180    # s, the queued workflow
 SHOTS = os.path.join(ROOT, "out", "live-server")
-# Small and short, for a CPU: these and the file names are the only changes to workflows/image.json.
+# Small and short, for a CPU: these and the file names are the only changes to the image-guidance example workflow.
 SPEED = {4: {"width": 32, "height": 32}, 5: {"steps": 2, "recurrence": 1}}
 
 
@@ -191,7 +196,7 @@ def test_object_info_lists_every_pack_node_with_tooltips(server, pack_nodes):
 
 
 def tiny_prompt(server_info):
-    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, "image.json"))
+    wf = wfiles.load(wfiles.path("image.json"))
     prompt = wfiles.substitute_files_api(ui_to_api(wf, server_info))
     for node_id, values in SPEED.items():
         prompt[str(node_id)]["inputs"].update(values)
@@ -208,7 +213,7 @@ def test_post_prompt_with_bad_inputs_names_node_and_input(server):
     assert errors["class_type"] == "UniversalGuidanceKSampler"
     assert len(errors["errors"]) == 1, errors  # one message for the pair of inputs
     details = errors["errors"][0]["details"]
-    assert details.startswith("Universal Guidance KSampler: inputs 'start_percent' and 'end_percent'"), details
+    assert details.startswith("Universal KSampler: inputs 'start_percent' and 'end_percent'"), details
     assert "the window from 0.7 to 0.3 is empty" in details
 
     prompt = tiny_prompt(info)
@@ -220,11 +225,27 @@ def test_post_prompt_with_bad_inputs_names_node_and_input(server):
 
 
 def visible_dialogs(page) -> list[str]:
-    """Texts of visible dialogs (2024-03: .comfy-modal; newer frontends: PrimeVue dialogs)."""
+    """Texts of the dialogs on screen (2024-03: .comfy-modal, ``position: fixed``; newer frontends: PrimeVue
+    dialogs). Visible = laid out with a non-empty box and not hidden by CSS (``offsetParent`` is null for fixed
+    elements, so it cannot tell)."""
     return page.evaluate("""() => [...document.querySelectorAll('.comfy-modal, .p-dialog, [role=dialog]')]
-        .filter(e => e.offsetParent !== null && getComputedStyle(e).display !== 'none'
-                     && getComputedStyle(e).visibility !== 'hidden')
+        .filter(e => { const r = e.getBoundingClientRect(), st = getComputedStyle(e);
+                       return r.width > 0 && r.height > 0 && st.display !== 'none' && st.visibility !== 'hidden'
+                              && e.checkVisibility({checkOpacity: true, checkVisibilityCSS: true}); })
         .map(e => e.innerText.slice(0, 300))""")
+
+
+def close_dialogs(page, timeout_s: float = 10.0):
+    """Close what ``visible_dialogs`` sees: Escape, then the dialog's own close button."""
+    deadline = time.monotonic() + timeout_s
+    while visible_dialogs(page) and time.monotonic() < deadline:
+        page.keyboard.press("Escape")
+        time.sleep(0.3)
+        page.evaluate("""() => document.querySelectorAll(
+            '.comfy-modal .comfy-modal-close, .comfy-modal button, .p-dialog-close-button, .p-dialog-header-close')
+            .forEach(b => { if (b.getBoundingClientRect().width > 0) b.click(); })""")
+        time.sleep(0.3)
+    assert visible_dialogs(page) == [], visible_dialogs(page)
 
 
 # Node search box of the 2024-03 frontend (LiteGraph's) and of the current one (PrimeVue autocomplete).
@@ -260,20 +281,18 @@ def close_search(page, timeout_s: float = 10.0):
     time.sleep(0.3)
 
 
-def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes):
+@pytest.fixture(scope="module")
+def page(server, pack_nodes):
+    """One headless Chromium session on the server's web UI for all browser tests (the frontend loaded once);
+    ``page.ug_errors`` collects the page's script errors after start-up."""
     pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright` "
                                                       "(requirements-dev.txt)")
     if not os.path.isfile(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set UG_CHROMIUM)")
     from playwright.sync_api import sync_playwright
 
-    mappings, names = pack_nodes
-    info = get(server.url + "object_info", timeout=60)
-    wf = wfiles.load(os.path.join(wfiles.WORKFLOW_DIR, "image.json"))
-    set_widgets(wf, info, wfiles.file_changes_ui(wf))
-    set_widgets(wf, info, SPEED)
+    mappings, _ = pack_nodes
     errors = []
-    os.makedirs(SHOTS, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60000)
         try:
@@ -284,68 +303,263 @@ def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes):
             page.wait_for_function(
                 "(types) => window.app && window.app.graph && window.LiteGraph"
                 " && types.every(t => t in LiteGraph.registered_node_types)", arg=list(mappings), timeout=90000)
-            # Newer frontends greet a new user with the template browser (it lists this pack's workflows/);
+            # Newer frontends greet a new user with the template browser (it lists this pack's example_workflows/);
             # close it. Script errors of the frontend's own start-up are not this pack's (it ships no JS).
             time.sleep(1.0)
             for text in visible_dialogs(page):
                 assert "Template" in text, f"unexpected dialog after loading the page: {text}"
-                page.keyboard.press("Escape")
-                page.locator(".p-dialog").first.wait_for(state="hidden", timeout=10000)
+            close_dialogs(page)
             if errors:
                 print(f"frontend start-up script errors (ignored): {errors}")
                 errors.clear()
-            page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
-
-            # Node search: the two samplers by title, every node of the pack by its id.
-            found = search_results(page, "Universal Guidance")
-            for node_type in ("UniversalGuidanceKSampler", "UniversalGuidanceSampler"):
-                assert any(names[node_type] in t for t in found), (node_type, found)
-            close_search(page)
-            found = search_results(page, "UniversalGuidance")
-            for node_type in mappings:
-                assert any(node_type in t or names[node_type] in t for t in found), (node_type, found)
-            page.locator(RESULT_ITEMS).filter(visible=True).filter(
-                has_text=names["UniversalGuidanceKSampler"]).first.click()
-            added = page.evaluate("() => app.graph._nodes.map(n => n.type)")
-            assert added == ["UniversalGuidanceKSampler"], added
-
-            # Load workflows/image.json (tiny model, small size) and queue it.
-            before = set(get(server.url + "history"))
-            page.evaluate("async (wf) => { await app.loadGraphData(wf); }", wf)
-            loaded = page.evaluate("() => app.graph._nodes.map(n => n.type).sort()")
-            assert loaded == sorted(n["type"] for n in wf["nodes"])
-            assert visible_dialogs(page) == []
-            page.evaluate("() => { app.canvas.ds.scale = 0.6; app.canvas.ds.offset = [20, 120];"
-                          " app.canvas.render_canvas_border = false; app.graph.setDirtyCanvas(true, true); }")
-            page.evaluate("() => app.queuePrompt(0, 1)")
-            deadline, entry = time.monotonic() + RUN_TIMEOUT, None
-            while time.monotonic() < deadline:
-                new = [k for k in get(server.url + "history") if k not in before]
-                if new:
-                    entry = get(server.url + f"history/{new[0]}")[new[0]]
-                    if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str"):
-                        break
-                time.sleep(0.5)
-            assert entry is not None, f"nothing was queued within {RUN_TIMEOUT} s: {server.log_tail()}"
-            status = entry.get("status", {})
-            assert status.get("status_str") == "success" and status.get("completed"), (status, server.log_tail())
-            images = entry["outputs"]["7"]["images"]
-            assert images and os.path.isfile(os.path.join(server.workdir, "output", images[0]["subfolder"],
-                                                          images[0]["filename"]))
-            try:  # the result shown in Save Image (the 2024-03 frontend keeps it in node.imgs), for the screenshot
-                page.wait_for_function("() => (app.graph.getNodeById(7).imgs || []).length > 0", timeout=15000)
-            except Exception:
-                pass
-            time.sleep(1.0)
-            assert visible_dialogs(page) == []
-            page.screenshot(path=os.path.join(SHOTS, "page.png"))
-            canvas = os.path.join(SHOTS, "canvas.png")
-            page.locator("canvas#graph-canvas").screenshot(path=canvas)
+            page.ug_errors = errors
+            yield page
         finally:
             browser.close()
+
+
+def load_workflow(page, wf: dict):
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", wf)
+    time.sleep(0.3)
+
+
+def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes, page):
+    mappings, names = pack_nodes
+    info = get(server.url + "object_info", timeout=60)
+    wf = wfiles.load(wfiles.path("image.json"))
+    set_widgets(wf, info, wfiles.file_changes_ui(wf))
+    set_widgets(wf, info, SPEED)
+    errors = page.ug_errors
+    os.makedirs(SHOTS, exist_ok=True)
+    page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
+
+    # Node search: the two samplers by title, every node of the pack by its id.
+    found = search_results(page, "Universal")
+    for node_type in ("UniversalGuidanceKSampler", "UniversalGuidanceSampler"):
+        assert any(names[node_type] in t for t in found), (node_type, found)
+    close_search(page)
+    found = search_results(page, "UniversalGuidance")
+    for node_type in mappings:
+        assert any(node_type in t or names[node_type] in t for t in found), (node_type, found)
+    page.locator(RESULT_ITEMS).filter(visible=True).filter(
+        has_text=names["UniversalGuidanceKSampler"]).first.click()
+    added = page.evaluate("() => app.graph._nodes.map(n => n.type)")
+    assert added == ["UniversalGuidanceKSampler"], added
+
+    # Load the image-guidance workflow (tiny model, small size) and queue it.
+    before = set(get(server.url + "history"))
+    load_workflow(page, wf)
+    loaded = page.evaluate("() => app.graph._nodes.map(n => n.type).sort()")
+    assert loaded == sorted(n["type"] for n in wf["nodes"])
+    assert visible_dialogs(page) == []
+    page.evaluate("() => { app.canvas.ds.scale = 0.6; app.canvas.ds.offset = [20, 120];"
+                  " app.canvas.render_canvas_border = false; app.graph.setDirtyCanvas(true, true); }")
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    entry = wait_for_history(server, before)
+    status = entry.get("status", {})
+    assert status.get("status_str") == "success" and status.get("completed"), (status, server.log_tail())
+    images = entry["outputs"]["7"]["images"]
+    assert images and os.path.isfile(os.path.join(server.workdir, "output", images[0]["subfolder"],
+                                                  images[0]["filename"]))
+    try:  # the result shown in Save Image (the 2024-03 frontend keeps it in node.imgs), for the screenshot
+        page.wait_for_function("() => (app.graph.getNodeById(7).imgs || []).length > 0", timeout=15000)
+    except Exception:
+        pass
+    time.sleep(1.0)
+    assert visible_dialogs(page) == []
+    page.screenshot(path=os.path.join(SHOTS, "page.png"))
+    canvas = os.path.join(SHOTS, "canvas.png")
+    page.locator("canvas#graph-canvas").screenshot(path=canvas)
     assert not errors, errors
     target = os.path.join(ROOT, "docs", "screenshot.png")
     if not os.path.exists(target) or os.environ.get("UG_UPDATE_SCREENSHOT") == "1":
         from PIL import Image
         Image.open(canvas).convert("RGB").quantize(colors=128).save(target, optimize=True)
     shutil.copyfile(canvas, os.path.join(SHOTS, "canvas-last.png"))
+
+
+def wait_for_history(server, before: set) -> dict:
+    """The history entry of the first prompt queued after ``before`` was read, once it has finished."""
+    deadline, entry = time.monotonic() + RUN_TIMEOUT, None
+    while time.monotonic() < deadline:
+        new = [k for k in get(server.url + "history") if k not in before]
+        if new:
+            entry = get(server.url + f"history/{new[0]}")[new[0]]
+            if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str"):
+                return entry
+        time.sleep(0.5)
+    assert entry is not None, f"nothing was queued within {RUN_TIMEOUT} s: {server.log_tail()}"
+    return entry
+
+
+def test_queueing_a_workflow_with_bad_inputs_shows_the_error_dialog(server, page):
+    """The frontend's own error dialog, seen by ``visible_dialogs``: image.json with an empty step window
+    (start after end) is refused by the server, and the dialog names the problem; closing it leaves none."""
+    info = get(server.url + "object_info", timeout=60)
+    wf = wfiles.load(wfiles.path("image.json"))
+    set_widgets(wf, info, wfiles.file_changes_ui(wf))
+    set_widgets(wf, info, {**SPEED, 5: {**SPEED[5], "start_percent": 0.7, "end_percent": 0.3}})
+    load_workflow(page, wf)
+    assert visible_dialogs(page) == []
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    deadline, shown = time.monotonic() + 30, []
+    while not shown and time.monotonic() < deadline:
+        time.sleep(0.3)
+        shown = visible_dialogs(page)
+    assert shown, "no error dialog on screen after queueing a prompt the server refuses"
+    text = " ".join(shown)
+    assert "start_percent" in text or "Universal KSampler" in text or "failed validation" in text, text
+    close_dialogs(page)
+
+
+# Workflows pictured in the README (current frontend), rewritten when missing or with UG_UPDATE_SCREENSHOT=1.
+WORKFLOW_SHOTS = {"image.json": "workflow-image.png", "self_guidance_move.json": "workflow-self-guidance.png"}
+
+
+def save_canvas_shot(page, geometry: dict, target: str, scale: float = 0.7, top: int = 50,
+                     thumbnail_width: int = 480):
+    """The whole graph at ``scale`` (above the frontend's low-detail zoom threshold of 0.6), in a viewport grown
+    to hold it, without the minimap and the canvas info, below the workflow tabs; saved as a small PNG, or as a
+    ``thumbnail_width`` px wide JPEG for a ``.jpg`` target (the template browser's thumbnail)."""
+    if os.path.exists(target) and os.environ.get("UG_UPDATE_SCREENSHOT") != "1":
+        return
+    from PIL import Image
+    boxes = [g["box"] for g in geometry["groups"]] + [
+        [n["pos"][0], n["pos"][1] - n["title_h"], max(n["size"][0], n["min"][0]),
+         max(n["size"][1], n["min"][1]) + n["title_h"]] for n in geometry["nodes"]]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    width, height = int((x1 - x0) * scale) + 40, int((y1 - y0) * scale) + top + 20
+    before = page.viewport_size
+    page.set_viewport_size({"width": width + 20, "height": height + 120})  # the zoom toolbar below the crop
+    try:
+        page.evaluate("""async ([s, ox, oy]) => {
+            try { await app.extensionManager.setting.set('Comfy.Minimap.Visible', false); } catch (e) {}
+            try { await app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', false); } catch (e) {}
+            app.canvas.show_info = false;
+            app.canvas.ds.scale = s; app.canvas.ds.offset = [ox, oy]; app.graph.setDirtyCanvas(true, true); }""",
+                      [scale, 20 / scale - x0, top / scale - y0])
+        time.sleep(1.0)
+        raw = os.path.join(SHOTS, os.path.basename(target))
+        page.locator("canvas#graph-canvas").screenshot(path=raw)
+    finally:
+        page.set_viewport_size(before)
+    image = Image.open(raw).convert("RGB")
+    image = image.crop((0, 0, min(image.width, width), min(image.height, height)))
+    if target.endswith(".jpg"):
+        image = image.resize((thumbnail_width, round(image.height * thumbnail_width / image.width)), Image.LANCZOS)
+        image.save(target, quality=80, optimize=True)
+    else:
+        image.quantize(colors=64).save(target, optimize=True)
+
+
+GEOMETRY_JS = """() => {
+    const T = LiteGraph.NODE_TITLE_HEIGHT, g = app.graph;
+    const nodes = g._nodes.map(n => { const min = n.computeSize();
+        return {name: `${n.id} ${n.title || n.type}`, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
+                min: [min[0], min[1]], title_h: T}; });
+    const ctx = document.createElement('canvas').getContext('2d');
+    const groups = (g._groups || g.groups || []).map(gr => { const b = gr._bounding || gr.bounding;
+        ctx.font = `${gr.font_size || 24}px ${LiteGraph.GROUP_FONT || 'Arial'}`;
+        return {name: gr.title, box: [b[0], b[1], b[2], b[3]], title_w: ctx.measureText(gr.title).width,
+                title_h: gr.titleHeight || (gr.font_size || 24) * 1.4}; });
+    return {nodes, groups};
+}"""
+
+
+def canvas_layout_problems(geometry: dict) -> list[str]:
+    """Overlaps (``ui_build.layout_problems``) of the boxes the frontend draws: a node is drawn at least as
+    large as its ``computeSize()`` (its slots and widgets), plus the title bar above ``pos``; and nodes whose
+    saved size is smaller than that (their widgets spill out of the node)."""
+    from headless.ui_build import layout_problems
+    nodes, problems = [], []
+    for n in geometry["nodes"]:
+        w, h = max(n["size"][0], n["min"][0]), max(n["size"][1], n["min"][1])
+        if n["size"][1] + 0.5 < n["min"][1] or n["size"][0] + 0.5 < n["min"][0]:
+            problems.append(f"node {n['name']} is saved at {n['size'][0]:.0f}x{n['size'][1]:.0f} but needs "
+                            f"{n['min'][0]:.0f}x{n['min'][1]:.0f}")
+        nodes.append({"name": n["name"], "box": [n["pos"][0], n["pos"][1] - n["title_h"], w, h + n["title_h"]]})
+    for g in geometry["groups"]:
+        if g["title_w"] + 8 > g["box"][2]:
+            problems.append(f"the title of group {g['name']!r} ({g['title_w']:.0f} px) is wider than the group "
+                            f"({g['box'][2]:.0f} px)")
+    title_h = max([g["title_h"] for g in geometry["groups"]] or [34])
+    return problems + layout_problems(nodes, geometry["groups"], title_h)
+
+
+def test_every_workflow_loads_in_the_browser_with_nothing_overlapping(server, page):
+    """Each example_workflows/*.json as the frontend lays it out (node sizes from the frontend's own computeSize, group
+    boxes as loaded): no node covers another node or a group's edge or title, no node is smaller than its
+    widgets, no group title is wider than its group, and loading shows no dialog. One browser session for all
+    files."""
+    info = get(server.url + "object_info", timeout=60)
+    report, checked, dump = {}, [], {}
+    for path in wfiles.WORKFLOWS:
+        wf = wfiles.load(path)
+        if {n["type"] for n in wf["nodes"]} - set(info) - {"Note", "MarkdownNote"}:
+            continue  # e.g. SamplerCustomAdvanced on the 2024-03 host (tests/test_workflows.py says so)
+        set_widgets(wf, info, wfiles.file_changes_ui(wf))
+        load_workflow(page, wf)
+        assert visible_dialogs(page) == [], (os.path.basename(path), visible_dialogs(page))
+        geometry = page.evaluate(GEOMETRY_JS)
+        assert len(geometry["nodes"]) == len(wf["nodes"]) and len(geometry["groups"]) == len(wf["groups"])
+        dump[os.path.basename(path)] = geometry
+        if page.evaluate("() => !!window.app.extensionManager"):  # pictures of the current frontend only
+            shot = WORKFLOW_SHOTS.get(wfiles.key_of(path))
+            if shot:
+                save_canvas_shot(page, geometry, os.path.join(ROOT, "docs", shot))
+            save_canvas_shot(page, geometry, path[:-len(".json")] + ".jpg")  # the template browser's thumbnail
+        problems = canvas_layout_problems(geometry)
+        if problems:
+            report[os.path.basename(path)] = problems
+        checked.append(os.path.basename(path))
+    os.makedirs(SHOTS, exist_ok=True)
+    with open(os.path.join(SHOTS, "workflow-geometry.json"), "w") as f:  # what the frontend drew, for a look
+        json.dump(dump, f, indent=1)
+    assert len(checked) >= len(wfiles.WORKFLOWS) - 1, checked
+    assert not report, "\n".join(f"{name}: {p}" for name, problems in report.items() for p in problems)
+
+
+# What a user types into the node search of the current frontend, and the node that must come first. That search
+# (comfyui-frontend-package 1.27) ranks by the node id and display name only: an exact match, then names that
+# start with the query, then whole words, then substrings; ties go to nodes used more often (a frequency table of
+# core and popular nodes), then to shorter names. The display names are chosen for it.
+FIRST_HITS = {"universal": "UniversalGuidanceKSampler", "guidance": "UniversalGuidanceSampler",
+              "move object": "UniversalGuidanceSGMove", "resize": "UniversalGuidanceSGResize",
+              "CLIP guidance": "UniversalGuidanceCLIPText"}
+
+
+def test_node_search_of_the_current_frontend_ranks_the_right_node_first(page, pack_nodes):
+    if not page.evaluate("() => !!window.app.extensionManager"):
+        pytest.skip("the 2024-03 frontend's search box lists matches unranked (substrings of the names)")
+    _, names = pack_nodes
+    page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
+    wrong = {}
+    for query, node_type in FIRST_HITS.items():
+        found = search_results(page, query)
+        close_search(page)
+        if not found or names[node_type] not in found[0]:
+            wrong[query] = (names[node_type], found[:3])
+    assert not wrong, wrong
+
+
+def test_template_browser_lists_the_example_workflows_by_name_with_thumbnails(server):
+    """ComfyUI's template browser (v0.3.64: GET /workflow_templates, files under /api/workflow_templates/<pack>/)
+    lists this pack's example_workflows/ under their readable file names, once each, and serves each workflow and
+    its .jpg thumbnail. Hosts without the route (2024-03) skip."""
+    import urllib.parse
+    try:
+        listed = get(server.url + "workflow_templates")
+    except urllib.error.HTTPError as e:
+        pytest.skip(f"this ComfyUI has no template browser route ({e.code})")
+    names = sorted(os.path.basename(p)[:-len(".json")] for p in wfiles.WORKFLOWS)
+    ours = [templates for templates in listed.values() if set(templates) & set(names)]
+    assert len(ours) == 1 and sorted(ours[0]) == names, (listed, names)
+    module = next(m for m, templates in listed.items() if templates is ours[0])
+    for name in names:
+        base = server.url + f"api/workflow_templates/{urllib.parse.quote(module)}/{urllib.parse.quote(name)}"
+        with urllib.request.urlopen(base + ".json", timeout=10) as r:
+            assert json.loads(r.read())["nodes"], name
+        with urllib.request.urlopen(base + ".jpg", timeout=10) as r:
+            data = r.read()
+            assert data[:3] == b"\xff\xd8\xff" and len(data) < 100_000, (name, len(data))

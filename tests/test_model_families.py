@@ -2,7 +2,7 @@
 loaded by the stock loaders and run through the real executor: SD2.x v-prediction, SDXL (CLIP-L + CLIP-G), SD3
 (flow, 16-channel latent; CLIP-L + CLIP-G, no T5) and Flux (flow, guidance-distilled: FluxGuidance, cfg 1).
 
-Per family, one prompt runs the stock KSampler (euler), the Universal Guidance KSampler with forward_strength 0 and
+Per family, one prompt runs the stock KSampler (euler), the Universal KSampler with forward_strength 0 and
 the same sampler with image guidance (UG Image Guidance), all from the same seed, scheduler and cfg (the negative is
 the zeroed-out positive: one text-encoder pass). The tests then check
 
@@ -275,7 +275,7 @@ def test_strength_zero_matches_stock_euler(family_run):
 
 
 def test_self_guidance_runs_on_unets_and_is_refused_clearly_elsewhere(family_run, host, caplog):
-    """UG Self-Guidance Move on the family's own prompt: it runs on the UNet families (SD2.x, SDXL: the attention
+    """UG Move Object on the family's own prompt: it runs on the UNet families (SD2.x, SDXL: the attention
     capture finds their layers and the tokens of both SDXL encoders agree); SD3 and Flux get "not supported yet"
     naming the model."""
     import logging

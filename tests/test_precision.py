@@ -303,7 +303,7 @@ def test_fp16_output_past_the_range_is_an_error(host, files, monkeypatch):
     decode. That was a black image reported as success; it is an error naming the node and what to do."""
     use_precision(monkeypatch, "fp16")
     msg = run_error(host, graph(files, "fp16", clip_weight=0.0, knobs={"forward_strength": 1000.0, "max_step": 0.0}))
-    assert msg.startswith("Universal Guidance KSampler:"), msg
+    assert msg.startswith("Universal KSampler:"), msg
     assert "NaN" in msg and "max_step" in msg and "forward_strength" in msg, msg
 
 
@@ -318,7 +318,7 @@ def test_scaled_fp8_file_is_refused_before_the_run(host, files, monkeypatch):
     use_precision(monkeypatch, "fp8")
     monkeypatch.setattr(mm, "SUPPORT_FP8_OPS", True)  # --supports-fp8-compute: what an RTX 40xx / H100 reports
     msg = run_error(host, graph(files, "fp8-scaled", clip_weight=0.0, knobs={"forward_strength": 1.0}))
-    assert msg.startswith("Universal Guidance KSampler: input 'model':"), msg
+    assert msg.startswith("Universal KSampler: input 'model':"), msg
     assert "scaled-fp8" in msg and "torch._scaled_mm" in msg and "jacobian" in msg, msg
     assert "derivative" not in msg  # refused up front, not translated from autograd's failure
 
@@ -352,7 +352,7 @@ def test_attention_without_backward_is_refused_before_the_run(host, files, monke
     # what the flag selects when ComfyUI starts (the kernels themselves need CUDA)
     monkeypatch.setattr(attention, "optimized_attention", getattr(attention, f"attention_{kind}"))
     msg = run_error(host, graph(files, "fp32", steps=1, clip_weight=0.0, knobs={"forward_strength": 1.0}))
-    assert msg.startswith("Universal Guidance KSampler: input 'model':"), msg
+    assert msg.startswith("Universal KSampler: input 'model':"), msg
     assert f"--use-{kind}-attention" in msg and "jacobian" in msg, msg
 
 
@@ -392,7 +392,7 @@ def test_patched_attention_without_backward_is_a_clear_error(host, files, monkey
     p["50"] = {"class_type": "UGTestNoBackwardAttention", "inputs": {"model": ["1", 0]}}
     p["5"]["inputs"]["model"] = ["50", 0]
     msg = run_error(host, p)
-    assert msg.startswith("Universal Guidance KSampler: an operation on the guidance gradient's path has no "
+    assert msg.startswith("Universal KSampler: an operation on the guidance gradient's path has no "
                           "backward pass"), msg
     assert "ug_test" in msg and "attention" in msg and "jacobian" in msg, msg
 

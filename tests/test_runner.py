@@ -1,4 +1,4 @@
-"""``python -m headless run``: a real run of workflows/image.json with the tiny checkpoint (subprocess), and the
+"""``python -m headless run``: a real run of the image-guidance example workflow with the tiny checkpoint (subprocess), and the
 error paths — no ComfyUI, unknown node types, missing model files, invalid widget values — with their exit codes
 and messages. The error paths after the boot run in this process on the session's host (``runner.main(argv,
 host=...)``, the code path of the command line minus the boot) to keep the suite fast."""
@@ -17,7 +17,7 @@ import workflow_files as wfiles
 from conftest import CHECKPOINT, ROOT
 from headless import runner
 
-IMAGE_WF = os.path.join(wfiles.WORKFLOW_DIR, "image.json")
+IMAGE_WF = wfiles.path("image.json")
 FAST = ["--set", "4.width=32", "--set", "4.height=32", "--set", "5.steps=2", "--set", "5.recurrence=1"]
 
 
@@ -82,7 +82,7 @@ def test_unknown_custom_node_names_the_node(host, tmp_path, capsys):
 def test_newer_core_node_says_update_comfyui(host, tmp_path, capsys):
     if "SamplerCustomAdvanced" in host.node_types:
         pytest.skip("this ComfyUI has SamplerCustomAdvanced; the message is for 2024-03 hosts")
-    code, _, err = run_here(host, capsys, [os.path.join(wfiles.WORKFLOW_DIR, "samplercustom_advanced.json"),
+    code, _, err = run_here(host, capsys, [wfiles.path("samplercustom_advanced.json"),
                                            "--out", str(tmp_path / "out")])
     assert code == runner.EXIT_INVALID
     assert "node 5: SamplerCustomAdvanced — core ComfyUI node added in 2024-04; update ComfyUI" in err
@@ -127,7 +127,7 @@ def test_set_image_that_does_not_exist_is_a_usage_error(host, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("setting, expected", [
-    ("5.steps=0", ["node 5 (UniversalGuidanceKSampler): Universal Guidance KSampler: input 'steps': 0 is below its "
+    ("5.steps=0", ["node 5 (UniversalGuidanceKSampler): Universal KSampler: input 'steps': 0 is below its "
                    "minimum 1; enter a number between 1 and 10000"]),
     ("5.scheduler=\"fastest\"", ["node 5 (UniversalGuidanceKSampler) input 'scheduler': invalid value 'fastest'; "
                                  "allowed: one of [", "'normal'"]),

@@ -218,7 +218,7 @@ def test_word_not_in_the_prompt_names_node_input_and_words(host, sd):
     with pytest.raises(Exception) as info:
         move_term(host, clip, 1.0, words="dog")
     msg = str(info.value)
-    assert "UG Self-Guidance Move" in msg and "input 'words'" in msg and "'dog'" in msg and "'sofa'" in msg
+    assert "UG Move Object" in msg and "input 'words'" in msg and "'dog'" in msg and "'sofa'" in msg
 
 
 # ------------------------------------------------------------------------------------------------- tokens

@@ -15,8 +15,9 @@ from PIL import Image
 
 from conftest import CHECKPOINT, ROOT
 
-WORKFLOW_DIR = os.path.join(ROOT, "workflows")
+WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")  # readable names: ComfyUI's template browser lists them
 WORKFLOWS = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
+BUILD_DIR = os.path.join(ROOT, "workflows")  # build.py, inputs.py and the shipped input images (inputs/)
 TINY_MODELS_ROOT = os.path.join(ROOT, "out", "test-models")  # conftest's cache: checkpoints/<CHECKPOINT>
 REFERENCE = "ug_ref.png"
 
@@ -27,6 +28,19 @@ FILE_SUBSTITUTIONS = {
     ("LoadImage", "image"): (("example.png", "segmentation_map.png", "face_reference.png", "style.png"),
                              REFERENCE),
 }
+
+
+def path(key: str) -> str:
+    """The example workflow that workflows/build.py wrote for ``key`` (its short name, e.g. ``image.json``)."""
+    for p in WORKFLOWS:
+        if load(p).get("extra", {}).get("ug_workflow", {}).get("file") == key:
+            return p
+    raise FileNotFoundError(f"no example workflow for {key!r} in {WORKFLOW_DIR}")
+
+
+def key_of(p: str) -> str:
+    """The short name of an example workflow file (``image.json``)."""
+    return load(p)["extra"]["ug_workflow"]["file"]
 
 
 def load(path: str) -> dict:

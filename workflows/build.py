@@ -1,4 +1,5 @@
-"""Write the example workflows of this folder (UI format, loadable in ComfyUI) from the compact descriptions below.
+"""Write the example workflows (``example_workflows/<readable name>.json``, UI format, loadable in ComfyUI and listed
+by its template browser) from the compact descriptions below.
 
 The node definitions come from a live ComfyUI (booted headless), so ``widgets_values`` always match the nodes'
 current widget order::
@@ -22,10 +23,13 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# ComfyUI's template browser (v0.3.64: app/custom_node_manager.py) lists a custom node's example_workflows/*.json
+# under their file names, with <name>.jpg beside each as the thumbnail: the files carry readable names there.
+EXAMPLES = os.path.join(ROOT, "example_workflows")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from headless.ui_build import Group, Node, build_ui, link  # noqa: E402
+from headless.ui_build import BuildError, Group, Node, build_ui, layout_problems, link, stack_layout  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 REFERENCE = "example.png"
@@ -35,13 +39,15 @@ REFERENCE = "example.png"
 PAPER = dict(steps=100, cfg=7.5, scheduler="ddim_uniform", recurrence=2, forward_strength=1.0, backward_steps=0)
 SIZE = 512
 
-# Canvas columns (x) of the scaffold.
-C0, C1, C2, C3, C4 = 20, 420, 860, 1240, 1640
+# Canvas columns of the scaffold. A node's ``pos`` is ``(column, order)``: ``headless.ui_build.stack_layout`` turns
+# it into canvas coordinates, stacking each column's nodes in ``order`` at the size their widgets and sockets need
+# (``size`` is a minimum), so that no node covers another or a group's edge, whatever inputs the nodes gain.
+C0, C1, C2, C3, C4 = 0, 1, 2, 3, 4
 
 
 @dataclass
 class Workflow:
-    file: str
+    file: str                          # short key (``image.json``): the output prefix, and how tests name it
     title: str
     sampler: str                       # "ksampler" | "samplercustom" | "samplercustomadvanced"
     guidance: list                     # Nodes of the guidance chain (ids 10–19), placed in columns C1–C2, y ≥ 530
@@ -52,6 +58,7 @@ class Workflow:
     negative: str = "blurry, low quality, distorted, watermark, text"
     knobs: dict = field(default_factory=dict)
     cfg: float = PAPER["cfg"]
+    name: str = ""                     # the template browser's name (default: from the title)
 
 
 def image_guidance_chain() -> list[Node]:
@@ -93,12 +100,15 @@ def network_note(what: str, model: str, tip: str) -> str:
             "the sampler's forward_strength 1 in 'paper' mode); 100 DDIM steps instead of the paper's 250–500.")
 
 
-def clip_node(node_id, pos, chain=None):
-    inputs = {"text": "a watercolor painting of a lighthouse at sunset", "clip_model": "ViT-B-32.pt",
+def clip_node(node_id, pos, chain=None, text="a watercolor painting of a lighthouse at sunset"):
+    inputs = {"text": text, "clip_model": "ViT-B-32.pt",
               "architecture": "auto (from file)", "cutouts": 4, "weight": 100.0, **WINDOW}
     if chain is not None:
         inputs["guidance"] = link(chain, "UG_GUIDANCE")
     return Node(node_id, "UniversalGuidanceCLIPText", pos, inputs, size=(340, 260))
+
+
+SEG_PROMPT = ("a photograph of a person standing in a cozy living room, natural light, highly detailed")
 
 
 def segmentation_chain(out_id=10):
@@ -116,6 +126,7 @@ NETWORK_WORKFLOWS = [
     Workflow(
         file="clip_text.json", title="Universal Guidance — CLIP text guidance", sampler="ksampler",
         guidance=[clip_node(10, (C2, 530))], guidance_out=10, guidance_title="Guidance: CLIP text",
+        positive="a lighthouse on a rocky coast at sunset, highly detailed",
         note=network_note("CLIP text guidance — the CLIP similarity of the decoded image to a text.",
                           "ViT-B-32.pt (OpenAI CLIP) in models/universal_guidance/clip/",
                           "Tip: the paper gives no s0 for CLIP text; if nothing changes raise the weight, or set "
@@ -124,6 +135,7 @@ NETWORK_WORKFLOWS = [
     Workflow(
         file="segmentation.json", title="Universal Guidance — segmentation guidance", sampler="ksampler",
         guidance=segmentation_chain(), guidance_out=10, guidance_title="Guidance: segmentation map",
+        positive=SEG_PROMPT,
         note=network_note("segmentation guidance — the image should match a VOC-coloured segmentation map "
                           "(black = background; other colours = VOC classes, e.g. (192,128,128) person).",
                           "lraspp_mobilenet_v3_large-d234d4ea.pth (torchvision) in "
@@ -182,7 +194,9 @@ NETWORK_WORKFLOWS = [
         knobs={"recurrence": 6}, cfg=3.0),
     Workflow(
         file="segmentation_plus_clip.json", title="Universal Guidance — segmentation + CLIP text (chained)",
-        sampler="ksampler", guidance=segmentation_chain(12) + [clip_node(10, (C2, 870), chain=12)],
+        sampler="ksampler", positive=SEG_PROMPT,
+        guidance=segmentation_chain(12) + [clip_node(10, (C2, 870), chain=12,
+                                                     text="a watercolor painting of a person in a living room")],
         guidance_out=10, guidance_title="Guidance: segmentation map, then CLIP text",
         note=network_note("two guidance terms chained — a segmentation map fixes the layout and CLIP text the "
                           "content; the sampler minimizes the weighted sum.",
@@ -219,6 +233,7 @@ SG_KNOBS = {"forward_strength": 0.2, "strength_mode": "normalized", "recurrence"
 SELF_GUIDANCE_WORKFLOWS = [
     Workflow(
         file="self_guidance_move.json", title="Universal Guidance — self-guidance: move an object",
+        name="Self-guidance (move an object)",
         sampler="ksampler", guidance=[sg_move(10, (C2, 530))], guidance_out=10,
         guidance_title="Self-guidance: move the dog to (0.25, 0.6)", positive=SG_PROMPT,
         note="Universal Guidance: self-guidance (Epstein et al. 2023) — move the object a word names, using the "
@@ -228,7 +243,8 @@ SELF_GUIDANCE_WORKFLOWS = [
     Workflow(
         file="self_guidance_plus_clip.json", title="Universal Guidance — self-guidance + CLIP text (chained)",
         sampler="ksampler",
-        guidance=[clip_node(11, (C2, 530)), sg_move(10, (C2, 820), chain=11)], guidance_out=10,
+        guidance=[clip_node(11, (C2, 530), text="a watercolor painting of a dog on a beach"),
+                  sg_move(10, (C2, 820), chain=11)], guidance_out=10,
         guidance_title="CLIP text guidance, then self-guidance: move the dog", positive=SG_PROMPT,
         note="Universal Guidance: an external network and the model's own attention in one sampler — CLIP text "
              "guidance (ViT-B-32.pt in models/universal_guidance/clip/, downloaded on first use) steers the look, "
@@ -241,14 +257,16 @@ WORKFLOWS = [
     Workflow(
         file="image.json", title="Universal Guidance — image guidance (KSampler)", sampler="ksampler",
         guidance=image_guidance_chain(), guidance_out=10, guidance_title="Guidance: reference image + alpha mask",
-        note="Universal Guidance: image guidance with the Universal Guidance KSampler." + NOTE_COMMON),
+        note="Universal Guidance: image guidance with the Universal KSampler." + NOTE_COMMON),
     Workflow(
         file="samplercustom.json", title="Universal Guidance — SamplerCustom", sampler="samplercustom",
+        name="Image guidance (SamplerCustom)",
         guidance=image_guidance_chain(), guidance_out=10, guidance_title="Guidance: reference image + alpha mask",
         note="Universal Guidance as a SAMPLER for the stock SamplerCustom (any ComfyUI since 2024-03); "
              "the steps and the scheduler are set in BasicScheduler." + NOTE_COMMON),
     Workflow(
         file="samplercustom_advanced.json", title="Universal Guidance — SamplerCustomAdvanced",
+        name="Image guidance (SamplerCustomAdvanced)",
         sampler="samplercustomadvanced", guidance=image_guidance_chain(), guidance_out=10,
         guidance_title="Guidance: reference image + alpha mask",
         note="Universal Guidance as a SAMPLER for the stock SamplerCustomAdvanced with RandomNoise and CFGGuider "
@@ -256,6 +274,18 @@ WORKFLOWS = [
     *NETWORK_WORKFLOWS,
     *SELF_GUIDANCE_WORKFLOWS,
 ]
+
+
+def template_name(wf: Workflow) -> str:
+    """The readable name the template browser shows: the title without the pack's name, capitalized."""
+    name = wf.name or (wf.title.split(" — ", 1)[-1] if wf.title.startswith("Universal Guidance — ") else wf.title)
+    for bad in ':<>"/\\|?*':  # characters some file systems refuse
+        name = name.replace(bad, " -" if bad == ":" else "")
+    return name[:1].upper() + name[1:]
+
+
+def output_path(wf: Workflow) -> str:
+    return os.path.join(EXAMPLES, template_name(wf) + ".json")
 
 
 def knobs_of(wf: Workflow) -> dict:
@@ -286,7 +316,7 @@ def scaffold(wf: Workflow) -> list[Node]:
             "steps": PAPER["steps"], "cfg": wf.cfg, "scheduler": PAPER["scheduler"], "denoise": 1.0,
             **knobs_of(wf)}, size=(360, 560)))
         nodes.append(Node(8, "PreviewImage", (C3, 620), {"images": link(5, 1)}, title="Run report",
-                          size=(360, 300)))
+                          size=(520, 480)))
         return nodes
     nodes += [
         Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(1, "VAE"), "guidance": guidance,
@@ -313,7 +343,7 @@ def scaffold(wf: Workflow) -> list[Node]:
     nodes += [Node(24, "UniversalGuidanceRunReport", (C4, 620), {"sampler": link(20, "SAMPLER"),
                                                                    "latent": link(5, 0)}, size=(300, 60)),
               Node(25, "PreviewImage", (C4, 720), {"images": link(24, "IMAGE")}, title="Run report",
-                   size=(420, 300))]
+                   size=(520, 480))]
     return nodes
 
 
@@ -321,7 +351,7 @@ def description(wf: Workflow) -> tuple[list[Node], list[Group]]:
     nodes = scaffold(wf) + list(wf.guidance)
     ids = [n.id for n in wf.guidance]
     groups = [Group(wf.guidance_title, ids, color="#8A8"),
-              Group("Sampling", [5] + [n.id for n in nodes if 20 <= n.id < 30], color="#88A")]
+              Group("Sampling", [5] + [n.id for n in nodes if 20 <= n.id < 24], color="#88A")]
     return nodes, groups
 
 
@@ -331,8 +361,22 @@ def node_types(wf: Workflow) -> set[str]:
 
 def build(wf: Workflow, info: dict) -> dict:
     nodes, groups = description(wf)
-    return build_ui(nodes, info, groups=groups, extra={"ug_workflow": {
-        "title": wf.title, "generated_by": "workflows/build.py", "models": {"checkpoints": [CHECKPOINT]}}})
+    workflow = build_ui(stack_layout(nodes, info, groups), info, groups=groups, extra={"ug_workflow": {
+        "title": wf.title, "file": wf.file, "generated_by": "workflows/build.py",
+        "models": {"checkpoints": [CHECKPOINT]}}})
+    problems = layout_problems(canvas_boxes(workflow), [{"name": g["title"], "box": g["bounding"]}
+                                                        for g in workflow["groups"]])
+    if problems:
+        raise BuildError(f"{wf.file}: " + "; ".join(problems))
+    return workflow
+
+
+def canvas_boxes(workflow: dict) -> list[dict]:
+    """The nodes' boxes on the canvas, title bar included (what ``layout_problems`` compares)."""
+    from headless.ui_build import TITLE_H
+    return [{"name": f"{n['id']} {n.get('title') or n['type']}",
+             "box": [n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H]}
+            for n in workflow["nodes"]]
 
 
 def dumps(workflow: dict) -> str:
@@ -355,19 +399,19 @@ def main(argv=None) -> int:
     status = 0
     for wf in WORKFLOWS:
         missing = sorted(node_types(wf) - set(info))
-        path = os.path.join(HERE, wf.file)
+        path = output_path(wf)
         if missing:
             print(f"skip {wf.file}: this ComfyUI has no {', '.join(missing)}")
             continue
         text = dumps(build(wf, info))
         if args.check:
             same = os.path.exists(path) and open(path, encoding="utf-8").read() == text
-            print(f"{'ok' if same else 'DIFFERS'} {wf.file}")
+            print(f"{'ok' if same else 'DIFFERS'} {os.path.relpath(path, ROOT)}")
             status |= 0 if same else 1
         else:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
-            print(f"wrote {wf.file}")
+            print(f"wrote {os.path.relpath(path, ROOT)}")
     return status
 
 
