@@ -557,18 +557,13 @@ class SpeedBench:
         return result
 
     def _load_with(self, base, vaes, x):
-        """The UNet and every VAE in ``vaes`` on the device together (``comfy_bridge.load_together`` for several)."""
-        if len(vaes) == 1:
-            return self.bridge.load_together(base, vaes[0], x)
+        """The UNet and every VAE in ``vaes`` on the device together, reserving what a guided iteration with the
+        largest of them needs (``comfy_bridge.load_together`` with ``memory_plan``'s estimate, low_memory off)."""
+        plan = importlib.import_module(self.bridge.__name__.rsplit(".", 1)[0] + ".memory_plan")
         patchers = [p for p in [self.bridge._model_patcher_of(base)] + [getattr(v, "patcher", None) for v in vaes]
                     if p is not None]
-        memory = 0
-        for v in vaes:
-            try:
-                memory = max(memory, v.memory_used_decode(tuple(x.shape), v.vae_dtype) * 3)
-            except Exception:
-                pass
-        self.mm.load_models_gpu(patchers, memory_required=memory)
+        memory = max(plan.plan("off", base, v, tuple(x.shape), 2 * x.shape[0], None, x.device).reserve for v in vaes)
+        self.mm.load_models_gpu(patchers, memory_required=int(memory))
 
     def _time_fns(self, fns: dict, calls: int, warmup: bool) -> dict:
         device = self.device
