@@ -71,13 +71,16 @@ class Settings:
         κ·b(σ_{i+1})``: a fraction of the next sample's own noise level, whatever the schedule and step count.
         Without it a strength sized against ``σ_i`` moves the next sample by ``(σ_i/σ_{i+1} − 1)·s`` of its noise
         level: 0.13·s on SD's 50-step schedule, 8.9·s on a cosine schedule from σ 316, hundreds·s at the first
-        step of a zero-terminal-SNR schedule. κ = 0.2 lies above what the shapes benchmark's settings reach
-        (≤ 0.13, so they are unchanged) and, were the displacement unstructured, would raise the next sample's
-        effective noise level by at most √(1 + κ²) − 1 = 2 %. Not applied at the last step (σ_{i+1} = 0). 0: off.
+        step of a zero-terminal-SNR schedule. κ = 0.2 lies above what the shapes benchmark's headline rows reach
+        (Move at s = 0.1: ≤ 0.013; appearance at s = 1: ≤ 0.13) and, were the displacement unstructured, would
+        raise the next sample's effective noise level by at most √(1 + κ²) − 1 = 2 %; it acts on few-step
+        schedules' last steps, where σ_i/σ_{i+1} is large. Not applied at the last step (σ_{i+1} = 0). 0: off.
     x0_bound (δ): ``RMS(Δx̂0) ≤ δ`` in data units — the latents every supported family samples in are scaled to
         about unit variance, so δ = 2 lets one update move the clean prediction by at most twice the data's own
-        spread (it also bounds the last step). 0: off. Updates shrunk by either bound are counted in the run's
-        summary with the smallest factor applied.
+        spread (it also bounds the last step, which κ does not). It acts where a strength sized against a large
+        σ moves x̂0 by more (e.g. ``normalized`` s ≥ 2/σ_i). 0: off. Updates shrunk by either bound are counted
+        in the run's summary with the smallest factor applied. Backward guidance (which optimises x̂0 itself in
+        latent units) is not bounded.
     """
 
     forward_strength: float = 1.0

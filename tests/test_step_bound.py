@@ -75,6 +75,7 @@ def measured(kind: str, sigmas: torch.Tensor, settings: Settings, weight: float 
     return out, stats, rows
 
 
+KAPPA, DELTA = 0.2, 2.0  # the defaults of Settings.step_bound and x0_bound
 STRENGTHS = {"paper": 1.0e5, "normalized": 0.1, "polyak": 0.1, "polyak_loss": 1.0}
 
 
@@ -86,8 +87,9 @@ def test_the_next_sample_moves_at_most_kappa_of_its_noise_level(mode, kind, sigm
     settings = Settings(forward_strength=STRENGTHS[mode], strength_mode=mode)
     _, stats, rows = measured(kind, sigmas, settings)
     worst = max(r for r, _ in rows if r is not None)
-    assert worst <= settings.step_bound * (1 + 1e-4), (mode, [round(r or 0, 3) for r, _ in rows])
-    assert max(d for _, d in rows) <= settings.x0_bound * (1 + 1e-4)
+    assert worst <= KAPPA * (1 + 1e-4), (mode, [round(r or 0, 3) for r, _ in rows])
+    assert max(d for _, d in rows) <= DELTA * (1 + 1e-4)
+    assert (settings.step_bound, settings.x0_bound) == (KAPPA, DELTA)
     # the bound acted (the check is not vacuous) and the run's notes say so, with the factor
     assert stats.bound_acted > 0 and stats.bound_min_scale < 1
     line = next(n for n in stats.notes(settings) if n.startswith("step bound"))
@@ -102,7 +104,7 @@ def test_without_the_bound_the_first_cosine_step_is_destructive():
     assert rows[0][0] > 0.8 and rows[0][1] > 20.0, rows[0]
     assert stats.bound_checked == stats.bound_acted == 0
     _, _, bounded = measured("ve", cosine_sigmas(50), Settings(forward_strength=0.1, strength_mode="normalized"))
-    assert bounded[0][0] <= 0.2 * (1 + 1e-4) and bounded[0][1] <= 2.0 * (1 + 1e-4)
+    assert bounded[0][0] <= KAPPA * (1 + 1e-4) and bounded[0][1] <= DELTA * (1 + 1e-4)
 
 
 def test_on_sds_schedule_a_bound_that_does_not_act_changes_nothing():
@@ -114,7 +116,7 @@ def test_on_sds_schedule_a_bound_that_does_not_act_changes_nothing():
     ref, ref_stats, _ = measured("ve", sig, Settings(**base, step_bound=0.0, x0_bound=0.0))
     assert torch.equal(out, ref)
     assert stats.bound_checked == 30 * SHAPE[0] and stats.bound_acted == 0 and ref_stats.bound_checked == 0
-    assert max(r for r, _ in rows if r is not None) < 0.2
+    assert max(r for r, _ in rows if r is not None) < KAPPA
     assert stats.bound_line(Settings(**base)) == ("step bound (RMS Δx_next ≤ 0.2·σ_next, RMS Δx̂0 ≤ 2): acted on 0 "
                                                  "of 60 updates")
     assert not any(n.startswith("step bound") for n in stats.notes(Settings(**base)))
