@@ -94,7 +94,7 @@ def zsnr_model(model):
         return advanced.ModelSamplingDiscrete().patch(model, "eps", True)[0]
 
 
-def check_bound(rows, entry, kappa=0.2, delta=2.0):
+def check_bound(rows, entry, kappa=0.2, delta=20.0):
     relative = [dx / nxt for _, nxt, dx, _ in rows if nxt > 0]
     assert max(relative) <= kappa * (1 + 1e-3), [round(r, 3) for r in relative]
     assert max(d0 for *_, d0 in rows) <= delta * (1 + 1e-3)

@@ -75,7 +75,7 @@ def measured(kind: str, sigmas: torch.Tensor, settings: Settings, weight: float 
     return out, stats, rows
 
 
-KAPPA, DELTA = 0.2, 2.0  # the defaults of Settings.step_bound and x0_bound
+KAPPA, DELTA = 0.2, 20.0  # the defaults of Settings.step_bound and x0_bound
 STRENGTHS = {"paper": 1.0e5, "normalized": 0.1, "polyak": 0.1, "polyak_loss": 1.0}
 
 
@@ -117,9 +117,21 @@ def test_on_sds_schedule_a_bound_that_does_not_act_changes_nothing():
     assert torch.equal(out, ref)
     assert stats.bound_checked == 30 * SHAPE[0] and stats.bound_acted == 0 and ref_stats.bound_checked == 0
     assert max(r for r, _ in rows if r is not None) < KAPPA
-    assert stats.bound_line(Settings(**base)) == ("step bound (RMS Δx_next ≤ 0.2·σ_next, RMS Δx̂0 ≤ 2): acted on 0 "
+    assert stats.bound_line(Settings(**base)) == ("step bound (RMS Δx_next ≤ 0.2·σ_next, RMS Δx̂0 ≤ 20): acted on 0 "
                                                  "of 60 updates")
     assert not any(n.startswith("step bound") for n in stats.notes(Settings(**base)))
+
+
+def test_the_x0_bound_caps_the_clean_prediction_in_data_units_also_at_the_last_step():
+    """x0_bound = 0.5: every update moves x̂0 by at most 0.5 RMS, the last one (σ_next = 0, where the σ-relative
+    bound has no noise level to compare with) included; the notes count the updates it shrank."""
+    settings = Settings(forward_strength=0.3, strength_mode="normalized", x0_bound=0.5)
+    _, stats, rows = measured("ve", cosine_sigmas(10), settings)
+    assert max(d for _, d in rows) <= 0.5 * (1 + 1e-4) and rows[-1][1] > 0
+    assert stats.bound_x0_acted > 0 and f"{stats.bound_x0_acted} by the x̂0 bound" in stats.bound_line(settings)
+    _, _, free = measured("ve", cosine_sigmas(10), Settings(forward_strength=0.3, strength_mode="normalized",
+                                                            x0_bound=0.0))
+    assert max(d for _, d in free) > 1.0  # without it the same run moves x̂0 further
 
 
 def test_max_step_zero_switches_every_bound_off():
