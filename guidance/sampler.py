@@ -80,9 +80,9 @@ class Settings:
         bound. δ = 20 — far outside any image — acts only on absurd updates (e.g. x̂0 moved by 30 data units at
         a cosine schedule's σ 316, where κ acts first anyway). A tighter δ is not a safe default: at the
         shapes model's first steps (σ ≈ 15) appearance transfer at ``normalized`` s = 1 moves x̂0 by up to ~15
-        RMS, and δ = 2 halved the objects it recoloured (0.58 → 0.29) and kept (0.54 → 0.25; 24 scenes). 0: off. Updates shrunk by either bound are counted
-        in the run's summary with the smallest factor applied. Backward guidance (which optimises x̂0 itself in
-        latent units) is not bounded.
+        RMS, and δ = 2 halved the objects it recoloured (0.58 → 0.29) and kept (0.54 → 0.25; 24 scenes). 0: off.
+        Updates shrunk by either bound are counted in the run's summary with the smallest factor applied.
+        Backward guidance (which optimises x̂0 itself in latent units) is not bounded.
     """
 
     forward_strength: float = 1.0
