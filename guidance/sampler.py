@@ -262,12 +262,16 @@ class _References:
             self.noise = torch.randn(x.shape[1:], generator=generator, dtype=torch.float32, device="cpu")
         self.cache = {}
 
-    def at(self, step: int, sigma: torch.Tensor, request) -> dict:
-        """``{key: Internals}`` for this step (computed on first use within the step)."""
+    def at(self, step: int, sigma: torch.Tensor, request, keys=None) -> dict:
+        """``{key: Internals}`` for this step (computed on first use within the step) of the references ``keys``
+        (the active terms' references; every reference when None). A reference no active term needs is not
+        computed: the twin, once no later step needs it, no longer exists."""
         if self.cache.get("step") != step:
             self.cache = {"step": step}
         out = {}
         for key, ref in self.wanted.items():
+            if keys is not None and key not in keys:
+                continue
             if key not in self.cache:
                 self.cache[key] = self._capture(key, ref, sigma, request)
             out[key] = self.cache[key][1]
@@ -331,7 +335,8 @@ class _Step:
         self.stats.objective_calls += 1
         refs = None
         if internals is not None and self.references is not None:
-            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress))
+            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress),
+                                      keys=set(self.objective.references(progress)))
         record = {}
         sig = self.where["sigma"]
         std = noise_fraction(self.param.a(sig), self.param.b(sig))
