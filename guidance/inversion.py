@@ -3,9 +3,10 @@
 The sampler's step from ``σ_i`` to ``σ_{i+1}`` is ``x_{i+1} = x_i + Δ(x_i)`` with ``Δ(x) = step(x, D(x, σ_i)) − x``
 (``Parameterization.step``: the DDIM/Euler step of ε- and v-prediction models, the flow ODE's Euler step for flow
 models — both are ``(σ_{i+1} − σ_i)·(x − x̂0)/σ_i``). Inverting it means solving ``x_i = x_{i+1} − Δ(x_i)`` from the
-clean latent (``σ_N``) up to ``σ_0``. The first iterate, ``x_{i+1} − Δ(x_{i+1})``, is the classic DDIM inversion
-(the model evaluated at the less noisy point); each further fixed-point iteration costs one more denoiser call and
-brings ``x_i`` nearer the point the sampler maps back exactly onto ``x_{i+1}``. Sampling the inverted start with the
+clean latent (``σ_N``) up to ``σ_0``. The first guess continues the ODE with the slope found at the less noisy
+point (the classic DDIM inversion: ε, or the flow's velocity, taken as constant over the step); each fixed-point
+iteration (one denoiser call; from the second on, Anderson-accelerated with up to ``ANDERSON_MEMORY`` previous
+iterates) brings ``x_i`` nearer the point the sampler maps back exactly onto ``x_{i+1}``. Sampling the inverted start with the
 same σ schedule, no added noise and a first-order step then reconstructs the latent up to the fixed-point residual.
 
 The result is a ``Trajectory``: the latent at every σ of the schedule. Self-guidance terms can use it as their
@@ -21,12 +22,27 @@ import torch
 from .parameterization import Parameterization
 
 SIGMA_RTOL = 1e-4  # schedules that differ by less than this (relative) are the same schedule
+ANDERSON_MEMORY = 4  # previous iterates the fixed-point iteration extrapolates from
+
+
+def _anderson(history: list) -> torch.Tensor:
+    """Anderson acceleration (type II) of a fixed-point iteration ``x ← g(x)``: from the last iterates' values
+    ``g`` and residuals ``f = g(x) − x`` (each ``[B, D]``), the combination whose residual is least-squares smallest,
+    per sample: ``g_k − ΔG·γ`` with ``γ = argmin ‖f_k − ΔF·γ‖``."""
+    g_k, f_k = history[-1]
+    d_f = torch.stack([history[j + 1][1] - history[j][1] for j in range(len(history) - 1)], dim=2)  # [B, D, m]
+    d_g = torch.stack([history[j + 1][0] - history[j][0] for j in range(len(history) - 1)], dim=2)
+    gram = d_f.transpose(1, 2) @ d_f                                                                 # [B, m, m]
+    ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)[:, None, None]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gamma = torch.linalg.solve(gram + ridge * eye, d_f.transpose(1, 2) @ f_k.unsqueeze(2))         # [B, m, 1]
+    return g_k - (d_g @ gamma).squeeze(2)
 
 
 class Trajectory:
     """``latents[i]`` (``[N+1, B, C, H, W]``, the sampler's latent space, on the CPU) is the inverted latent at
     ``sigmas[i]`` (``[N+1]``, descending as sampled); ``latents[N]`` is the latent that was inverted.
-    ``residuals[i]``: the relative size of the last fixed-point correction at step i (0 with one iteration)."""
+    ``residuals[i]``: the fixed-point residual of step i's last iterate, relative to the latent's norm."""
 
     def __init__(self, sigmas: torch.Tensor, latents: torch.Tensor, residuals=None):
         if latents.shape[0] != sigmas.shape[0]:
@@ -91,20 +107,25 @@ def invert(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], latent
     latents[n] = x.float().cpu()
     residuals = [0.0] * n
     total, done = n * iterations, 0
+    slope = None  # the ODE's dx/dσ where the previous (less noisy) step was solved: the next step's first guess
     with torch.no_grad():
         for i in reversed(range(n)):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             target = x
-            guess = target
+            guess = target if slope is None else target + (s - s_next) * slope
+            history = []  # (g, f) of the previous iterations, for Anderson acceleration
             for k in range(iterations):
                 if interrupt is not None:
                     interrupt()
                 x0 = denoise(guess, sigmas[i].to(guess.device) * ones)
-                new = target - (param.step(guess, x0, s, s_next) - guess)
-                if k == iterations - 1 and k > 0:
-                    residuals[i] = float((new - guess).flatten(1).norm(dim=1).max()
-                                         / target.flatten(1).norm(dim=1).clamp_min(1e-12).max())
-                guess = new
+                move = param.step(guess, x0, s, s_next) - guess
+                slope = move / (s_next - s)
+                g = target - move                      # the plain fixed-point map
+                f = g - guess                          # its residual: 0 at the solution
+                residuals[i] = float(f.flatten(1).norm(dim=1).max()
+                                     / target.flatten(1).norm(dim=1).clamp_min(1e-12).max())
+                history = (history + [(g.flatten(1).double(), f.flatten(1).double())])[-(ANDERSON_MEMORY + 1):]
+                guess = _anderson(history).to(g.dtype).view_as(g) if len(history) > 1 else g
                 done += 1
                 if on_iteration is not None:
                     on_iteration(done, total)

@@ -397,7 +397,6 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str, pos
     context length)``; ``(guidance, None, None)`` without self-guidance terms."""
     if not guidance.has("internal"):
         return guidance, None, None
-    check_prompts(guidance, positive, node)
     from . import attention_capture as ac
     unet = ac.unet_of(base_model)
     if unet is None:
@@ -405,6 +404,7 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str, pos
             f"{node}: input 'guidance' has self-guidance terms, which read a UNet's cross-attention (SD1.x, SD2.x, "
             f"SDXL); this model ({type(base_model).__name__}, {type(getattr(base_model, 'diffusion_model', None)).__name__}) "
             f"is not supported yet. Remove the self-guidance nodes for this model.")
+    check_prompts(guidance, positive, node)
     lengths = {t.loss.context_length for t in guidance.terms if t.kind == "internal"}
     if len(lengths) > 1:
         raise GuidanceInputError(f"{node}: the self-guidance nodes were given prompts of different lengths "

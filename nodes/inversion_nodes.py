@@ -101,6 +101,10 @@ class UniversalGuidanceInvert(CheckedNode):
                                          "more exactly."}),
             "scheduler": (schedulers(), {"default": "normal",
                                          "tooltip": "Noise schedule (the sampler must use the same)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "How far up the schedule to invert, as the KSampler's denoise: 1 = to "
+                                             "pure noise; lower values invert only the last part of the schedule "
+                                             "(edits then change less, and the inversion is more exact)."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
                               "tooltip": "Classifier-free guidance scale of the inversion and of the sampler that "
                                          "reconstructs (they must be equal to return the image). Low values (1-3) "
@@ -111,8 +115,8 @@ class UniversalGuidanceInvert(CheckedNode):
                                               "image. Cost: steps × iterations model passes."}),
         }}
 
-    def invert(self, model, positive, negative, latent, steps, scheduler, cfg, iterations):
-        sigmas = sigmas_for(model, scheduler, steps, 1.0)
+    def invert(self, model, positive, negative, latent, steps, scheduler, denoise, cfg, iterations):
+        sigmas = sigmas_for(model, scheduler, steps, denoise)
         return run_inversion(self.NAME, model, positive, negative, latent, sigmas, cfg, iterations)
 
 

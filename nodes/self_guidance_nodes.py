@@ -86,11 +86,6 @@ def _reference(reference):
     return trajectory if trajectory is not None else reference["samples"]
 
 
-def trajectory_of_reference(reference):
-    from .inversion_nodes import trajectory_of
-    return trajectory_of(reference)
-
-
 def prompt_tokens(node: str, clip, prompt: str, words: str, conditioning=None) -> tuple:
     """``(token positions, context length, PromptCheck)`` of ``words``: looked up in the text of a UG Prompt's
     ``conditioning`` when connected, else in the typed ``prompt`` with ``clip``'s tokenizer. The check lets the
@@ -155,8 +150,9 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
         return {"required": {
             **sg_inputs(4.0, "Multiplies the loss |centroid − target| (mean over x, y; positions in [0, 1])."),
             "mode": (["to (x, y)", "by (dx, dy)"], {
-                "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the unguided "
-                           "run from the same noise puts it (costs one extra model pass per guided step)."}),
+                "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the reference "
+                           "puts it — the unguided run from the same noise, or the photo inverted by UG Invert on "
+                           "'reference' (costs one extra model pass per guided step)."}),
             "x": ("FLOAT", {"default": 0.25, "min": -1.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Target x ('to': 0 = left edge, 1 = right edge) or dx ('by': fraction of "
                                        "the width, + = right)."}),
@@ -176,10 +172,13 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
     def build(self, clip=None, prompt="", words="", layers="auto", weight=4.0, start_percent=0.0, end_percent=0.6,
               mode="to (x, y)", x=0.25, y=0.5, guidance=None, conditioning=None, reference=None):
         if mode.startswith("to"):
-            if reference is not None and trajectory_of_reference(reference) is None:
+            if reference is not None:
                 raise GuidanceInputError(f"{self.NAME}: input 'reference' is used by mode 'by (dx, dy)' only (a move "
                                          f"relative to where the reference puts the object); with 'to (x, y)' "
-                                         f"disconnect it, or pick 'by (dx, dy)'")
+                                         f"disconnect it, or pick 'by (dx, dy)'. To move an object of a photo to "
+                                         f"(x, y), keep 'to (x, y)' and chain a Keep Layout or Keep Appearance node "
+                                         f"whose reference is UG Invert's output: the sampler then starts from the "
+                                         f"inverted photo")
             kw = {"target": (x, y)}
         else:
             kw = {"shift": (x, y), "reference": _reference(reference)}
@@ -198,7 +197,8 @@ class UniversalGuidanceSGResize(SelfGuidanceNode):
         return {"required": {
             **sg_inputs(0.7, "Multiplies the loss |size − factor·size_unguided| (size = fraction of the image)."),
             "factor": ("FLOAT", {"default": 1.5, "min": 0.05, "max": 20.0, "step": 0.05,
-                                 "tooltip": "Target size (area) relative to the unguided run: 2 = twice the area, "
+                                 "tooltip": "Target size (area) relative to the reference (the unguided run, or "
+                                            "the photo inverted by UG Invert on 'reference'): 2 = twice the area, "
                                             "0.5 = half. Costs one extra model pass per guided step."})},
             "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
 
@@ -228,8 +228,9 @@ class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
 class UniversalGuidanceSGKeepAppearance(SelfGuidanceNode):
     NAME = "UG Self-Guidance Keep Appearance"
     TERM = "keep_appearance"
-    DESCRIPTION = ("Keeps how the named objects look as in the unguided run from the same noise: L1 between the "
-                   "UNet's decoder activations averaged under each object's attention mask.")
+    DESCRIPTION = ("Keeps how the named objects look as in the unguided run from the same noise (or in a "
+                   "reference, e.g. a photo inverted by UG Invert): L1 between the UNet's decoder activations "
+                   "averaged under each object's attention mask.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -138,3 +138,132 @@ def test_executor_runs_ug_prompt_into_sampler_and_self_guidance(host, sd):
     err = result.error()
     text = err["exception_message"] if err else str(result.messages)
     assert "'cat' is not in the prompt" in text and "'blurry'" in text, text
+
+
+# --------------------------------------------------------------------------- real-image editing: UG Invert
+
+INV_STEPS, INV_CFG = 6, 2.0
+
+
+def image_latent(host, sd, seed=7):
+    """VAE Encode of a smooth random picture: the 'real image' to edit."""
+    import nodes
+    g = torch.Generator().manual_seed(seed)
+    picture = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(SIZE, SIZE),
+                                              mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    with torch.inference_mode():
+        return nodes.VAEEncode().encode(sd[2], picture)[0]
+
+
+def invert_node(host, sd, latent, steps=INV_STEPS, cfg=INV_CFG, iterations=3, positive=None):
+    model, clip, _ = sd
+    with torch.inference_mode():
+        return node(host, "UniversalGuidanceInvert").invert(
+            model, positive or encode(clip, PROMPT), encode(clip, NEGATIVE), latent, steps, "normal", 1.0, cfg,
+            iterations)
+
+
+def save_picture(host, name, seed):
+    import os
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(seed)
+    small = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    path = os.path.join(host.workdir, "input", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(small).resize((SIZE, SIZE), Image.BILINEAR).save(path)
+    return name
+
+
+def saved_latent(host, result, node_id):
+    import os
+    from safetensors.torch import load_file
+    info = result.outputs[node_id]["latents"][0]
+    path = os.path.join(host.workdir, "output", info.get("subfolder", ""), info["filename"])
+    return load_file(path)["latent_tensor"].float()
+
+
+# max |reconstructed − encoded| / max |encoded| on the tiny random SD1.5 (6 steps, 8 fixed-point iterations, cfg 1).
+# A random UNet's large Jacobian makes the first step (σ 14.6 → 5.1) the hardest to invert; 4 steps gave 0.42.
+RECONSTRUCTION_TOL = 0.1
+
+
+def test_executor_invert_then_sample_returns_the_latent(host, sd):
+    """LoadImage → VAE Encode → UG Invert → stock SamplerCustom (euler, no added noise, UG Invert's sigmas) returns
+    the encoded latent; so does the Universal Guidance sampler with a Keep Layout term on the inversion (it starts
+    from the inverted latent whatever noise SamplerCustom adds: add_noise on here)."""
+    p = prompts.base(CHECKPOINT, size=SIZE)
+    p["2"]["inputs"]["text"] = PROMPT
+    p["11"] = {"class_type": "LoadImage", "inputs": {"image": save_picture(host, "ug_invert.png", 3)}}
+    p["12"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["1", 2]}}
+    p["13"] = {"class_type": "UniversalGuidanceInvert", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["12", 0], "steps": 6,
+        "scheduler": "normal", "denoise": 1.0, "cfg": 1.0, "iterations": 8}}
+    p["14"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    p["15"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["1", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["2", 0],
+        "negative": ["3", 0], "sampler": ["14", 0], "sigmas": ["13", 1], "latent_image": ["13", 0]}}
+    p["40"] = {"class_type": "UniversalGuidanceSGKeepLayout", "inputs": {
+        "clip": ["1", 1], "prompt": PROMPT, "words": "cat", "layers": "all", "weight": 10.0,
+        "start_percent": 0.0, "end_percent": 0.6, "reference": ["13", 0]}}
+    p["20"] = {"class_type": "UniversalGuidanceSampler", "inputs": {
+        "vae": ["1", 2], "guidance": ["40", 0], **{**prompts.KNOBS, "forward_strength": 1e-9},
+        "strength_mode": "normalized"}}
+    p["21"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 1.0, "positive": ["2", 0],
+        "negative": ["3", 0], "sampler": ["20", 0], "sigmas": ["13", 1], "latent_image": ["13", 0]}}
+    for i, src in (("30", "12"), ("31", "15"), ("32", "21")):
+        p[i] = {"class_type": "SaveLatent", "inputs": {"samples": [src, 0], "filename_prefix": f"inv_{i}"}}
+    result = host.run(p)
+    err = result.error()
+    assert result.success, err and (err["exception_message"], err["traceback"][-3:]) or result.messages
+    encoded, stock, guided = (saved_latent(host, result, i) for i in ("30", "31", "32"))
+    scale = float(encoded.abs().max())
+    stock_err = float((stock - encoded).abs().max()) / scale
+    guided_err = float((guided - encoded).abs().max()) / scale
+    print(f"reconstruction error (max abs / max |latent|): stock euler {stock_err:.4g}, UG sampler {guided_err:.4g}")
+    assert stock_err < RECONSTRUCTION_TOL and guided_err < RECONSTRUCTION_TOL, (stock_err, guided_err)
+
+
+def keep_layout_on(host, clip, reference, words="cat", weight=10.0):
+    return sg(host, "UniversalGuidanceSGKeepLayout", clip, PROMPT, words, "all", weight, 0.0, 0.6, reference)
+
+
+def test_a_sampler_schedule_other_than_the_inversions_is_an_error(host, sd):
+    _, clip, _ = sd
+    inverted, sigmas = invert_node(host, sd, image_latent(host, sd), steps=3, iterations=1)
+    term = keep_layout_on(host, clip, inverted)
+    with pytest.raises(Exception) as info:
+        run(host, sd, term, steps=4, cfg=INV_CFG)
+    msg = str(info.value)
+    assert "keep_layout:cat" in msg and "made with 3 steps" in msg and "runs 4" in msg and "UG Invert" in msg, msg
+    with pytest.raises(Exception, match="differs from the inversion's"):
+        run(host, sd, term, sigmas=sigmas * 1.1, cfg=INV_CFG)
+
+
+# ------------------------------------------------------------------------- composition: several references
+
+def test_appearance_from_two_images_and_layout_from_a_third_in_one_run(host, sd):
+    """Two Appearance Transfer terms (cat from image A, sofa from image B) and Keep Layout from image C: one
+    reference pass per distinct reference and guided step, each term reading its own reference."""
+    _, clip, _ = sd
+    a, b, c = (image_latent(host, sd, seed) for seed in (11, 12, 13))
+
+    def chain(ref_cat, ref_sofa):
+        layout = keep_layout_on(host, clip, c, words="cat, sofa")
+        cat = sg(host, "UniversalGuidanceSGAppearanceTransfer", clip, PROMPT, "cat", "all", 12.0, 0.0, 0.6,
+                 ref_cat, guidance=layout)
+        return sg(host, "UniversalGuidanceSGAppearanceTransfer", clip, PROMPT, "sofa", "all", 12.0, 0.0, 0.6,
+                  ref_sofa, guidance=cat)
+
+    _, three = run(host, sd, chain(a, b), steps=3)
+    _, shared = run(host, sd, chain(a, a), steps=3)
+    guided = {s for s, _ in term_values(three, "appearance_transfer:sofa")}
+    assert guided == {0, 1}
+    assert f"{3 * len(guided)} reference passes" in three["lines"][0], three["lines"][0]
+    assert f"{2 * len(guided)} reference passes" in shared["lines"][0], shared["lines"][0]  # A shared: one pass
+    sofa_b = dict(term_values(three, "appearance_transfer:sofa"))[0]
+    sofa_a = dict(term_values(shared, "appearance_transfer:sofa"))[0]
+    cat_1 = dict(term_values(three, "appearance_transfer:cat"))[0]
+    cat_2 = dict(term_values(shared, "appearance_transfer:cat"))[0]
+    assert sofa_a != sofa_b and cat_1 == cat_2  # the sofa reads its own reference; the cat's is unchanged
