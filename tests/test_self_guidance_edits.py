@@ -183,9 +183,11 @@ def saved_latent(host, result, node_id):
     return load_file(path)["latent_tensor"].float()
 
 
-# max |reconstructed − encoded| / max |encoded| on the tiny random SD1.5 (6 steps, 8 fixed-point iterations, cfg 1).
-# A random UNet's large Jacobian makes the first step (σ 14.6 → 5.1) the hardest to invert; 4 steps gave 0.42.
-RECONSTRUCTION_TOL = 0.1
+# max |reconstructed − encoded| / max |encoded| on the tiny random SD1.5 (6 steps, 8 fixed-point iterations, cfg 1):
+# measured 0.12 (the same for the stock sampler and the UG sampler). A random UNet's large Jacobian makes the first
+# step (σ 14.6 → 5.1) the hardest to invert: 4 steps gave 0.42; plain DDIM inversion (1 iteration) is several times
+# worse; a sampler that did not start from the inversion would be off by the noise (σ_max ≈ 14.6).
+RECONSTRUCTION_TOL = 0.2
 
 
 def test_executor_invert_then_sample_returns_the_latent(host, sd):
