@@ -114,12 +114,15 @@ class GuidanceTerm:
 
     @property
     def reference_key(self):
-        """Which reference an internal term needs: None, ``"original"``, or ``("latent", id)``."""
+        """Which reference an internal term needs: None, ``"original"``, ``("latent", id)`` or
+        ``("inversion", id)``."""
         if self.kind != "internal":
             return None
         ref = getattr(self.loss, "reference", None)
         if isinstance(ref, torch.Tensor):
             return ("latent", id(ref))
+        if hasattr(ref, "reference_key"):  # an inversion trajectory
+            return ref.reference_key
         return ref if ref == "original" else None
 
     def active(self, progress: float) -> bool:

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .augment import Smoothing, noise_fraction
+from .inversion import inversion_start
 from .objective import check_window, window_contains
 from .parameterization import A_MIN, Parameterization
 
@@ -190,6 +191,7 @@ class Stats:
     loss_scale: float = 1.0
     loss_scale_backoffs: int = 0
     weight_copy_bytes: int = 0
+    started_from_inversion: bool = False
     idle_terms: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)
@@ -233,6 +235,9 @@ class Stats:
         """Lines about what the run did differently from what was asked: terms that guided no step, updates
         skipped (non-finite) or capped, a lowered loss scale."""
         lines = list(self.idle_terms)
+        if self.started_from_inversion:
+            lines.append("started from the inverted image's latent (UG Invert): the noise given to the sampler was "
+                         "not used")
         if self.every_update_skipped:
             lines.append(f"every guidance update was skipped ({self.skipped_updates} of {self.updates}: non-finite "
                          f"gradients), so the output is unguided: lower the terms' weights or forward_strength, or "
@@ -305,32 +310,42 @@ class _References:
     """The internals of the references internal terms compare against, computed once per step (no grad).
 
     ``"original"``: a twin trajectory — the unguided sampler from the same starting noise — stepped alongside
-    the guided one; ``("latent", id)``: a reference latent noised to each step's σ with one fixed noise."""
+    the guided one; ``("latent", id)``: a reference latent noised to each step's σ with one fixed noise;
+    ``("inversion", id)``: an inverted image's own latent at each step's σ (``inversion.Trajectory``). Each
+    reference is one no-grad denoiser pass per step that needs it, however many terms share it."""
 
     def __init__(self, denoise, guidance, param: Parameterization, x: torch.Tensor, generator, stats: Stats):
         self.denoise, self.param, self.stats = denoise, param, stats
         self.wanted = guidance.references() if guidance is not None else {}
         self.twin = x.detach().clone() if "original" in self.wanted else None
         self.noise = None
-        if any(k != "original" for k in self.wanted):
+        if any(isinstance(r, torch.Tensor) for r in self.wanted.values()):
             self.noise = torch.randn(x.shape[1:], generator=generator, dtype=torch.float32, device="cpu")
         self.cache = {}
 
-    def at(self, step: int, sigma: torch.Tensor, request) -> dict:
-        """``{key: Internals}`` for this step (computed on first use within the step)."""
+    def at(self, step: int, sigma: torch.Tensor, request, keys=None) -> dict:
+        """``{key: Internals}`` for this step (computed on first use within the step) of the references ``keys``
+        (the active terms' references; every reference when None). A reference no active term needs is not
+        computed: the twin, once no later step needs it, no longer exists."""
         if self.cache.get("step") != step:
             self.cache = {"step": step}
         out = {}
         for key, ref in self.wanted.items():
+            if keys is not None and key not in keys:
+                continue
             if key not in self.cache:
-                self.cache[key] = self._capture(key, ref, sigma, request)
+                self.cache[key] = self._capture(key, ref, sigma, request, step)
             out[key] = self.cache[key][1]
         return out
 
-    def _capture(self, key, ref, sigma, request):
+    def _capture(self, key, ref, sigma, request, step: int):
         sig = float(sigma[0])
         if key == "original":
             x = self.twin
+        elif hasattr(ref, "latent_at"):  # an inversion: the image's own latent at this step
+            x = ref.latent_at(step).to(device=sigma.device, dtype=torch.float32)
+            if x.shape[0] != sigma.shape[0]:
+                x = x.expand(sigma.shape[0], *x.shape[1:]) if x.shape[0] == 1 else x
         else:
             z = ref.to(device=sigma.device, dtype=torch.float32)
             n = self.noise.to(z.device)
@@ -385,7 +400,8 @@ class _Step:
         self.stats.objective_calls += 1
         refs = None
         if internals is not None and self.references is not None:
-            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress))
+            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress),
+                                      keys=set(self.objective.references(progress)))
         record = {}
         sig = self.where["sigma"]
         std = noise_fraction(self.param.a(sig), self.param.b(sig))
@@ -657,6 +673,10 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     for line in stats.idle_terms:
         log.warning("Universal Guidance: %s", line)
     stats.loss_scale_start = stats.loss_scale = initial_loss_scale(loss_scale, guidance)
+    start = inversion_start(guidance, x, sigmas) if guidance is not None else None
+    if start is not None:  # edits of an inverted image start from its inverted latent, whatever noise was given
+        stats.started_from_inversion = True
+        x = start
     total = total_iterations(n_steps, guidance, settings)
     references = None
     if guidance is not None and guidance.references():

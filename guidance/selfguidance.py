@@ -173,8 +173,10 @@ class InternalLoss:
             raise ValueError("no token positions given")
         self.tokens = tokens
         self.layers = layers if layers in (None, AUTO) else list(layers)
-        if not (isinstance(reference, torch.Tensor) or reference in (ABSOLUTE, ORIGINAL)):
-            raise ValueError(f"reference must be 'absolute', 'original' or a latent tensor, got {reference!r}")
+        if not (isinstance(reference, torch.Tensor) or hasattr(reference, "latent_at")
+                or reference in (ABSOLUTE, ORIGINAL)):
+            raise ValueError(f"reference must be 'absolute', 'original', a latent tensor or an inversion "
+                             f"trajectory, got {reference!r}")
         self.reference = reference
         self.label = label
 
@@ -208,6 +210,8 @@ class InternalLoss:
 
     @property
     def reference_name(self) -> str:
+        if hasattr(self.reference, "latent_at"):
+            return "an inverted image"
         return "a reference latent" if isinstance(self.reference, torch.Tensor) else str(self.reference)
 
     def combine(self, values: list, maps: list) -> torch.Tensor:

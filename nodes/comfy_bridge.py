@@ -451,10 +451,40 @@ def _renoise_seed(seed) -> int:
     return (int(seed or 0) * 6364136223846793005 + 1442695040888963407) % (2 ** 63)
 
 
-def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
+def positive_conds(model, extra_args: dict):
+    """ComfyUI's processed positive conditioning of this run (dicts with ``cross_attn``), or None where the host
+    does not show it: ``extra_args["cond"]`` (2024-03), the guider's ``conds["positive"]`` (2024-04 on)."""
+    conds = (extra_args or {}).get("cond")
+    if conds is None:
+        guider_conds = getattr(getattr(model, "inner_model", None), "conds", None)
+        if isinstance(guider_conds, dict):
+            conds = guider_conds.get("positive")
+    return conds if isinstance(conds, (list, tuple)) else None
+
+
+def check_prompts(guidance, positive, node: str) -> None:
+    """Every self-guidance term's token positions must refer to the sampler's positive conditioning: a term whose
+    prompt encodes to a context that no positive entry has is an error (it would guide other words)."""
+    from .tokens import conditioning_mismatch
+    checks = [(t.name, getattr(t.loss, "prompt_check", None)) for t in guidance.terms if t.kind == "internal"]
+    checks = [(name, c) for name, c in checks if c is not None]
+    if not checks:
+        return
+    if positive is None:
+        log.warning("Universal Guidance: %s: this ComfyUI does not show the sampler's positive conditioning; the "
+                    "self-guidance prompts were not compared with it", node)
+        return
+    for name, check in checks:
+        problem = conditioning_mismatch(check, name, positive)
+        if problem:
+            raise GuidanceInputError(f"{node}: {problem}")
+
+
+def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str, positive=None):
     """The run's copy of ``guidance`` with self-guidance terms bound to this model: layer rules resolved to the
-    UNet's attention layers, reference latents moved into the sampler's latent space. ``(guidance, unet, context
-    length)``; ``(guidance, None, None)`` without self-guidance terms."""
+    UNet's attention layers, reference latents moved into the sampler's latent space, prompts checked against the
+    positive conditioning (``positive``: ComfyUI's processed cond dicts; None: not checked). ``(guidance, unet,
+    context length)``; ``(guidance, None, None)`` without self-guidance terms."""
     if not guidance.has("internal"):
         return guidance, None, None
     from . import attention_capture as ac
@@ -464,12 +494,13 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
             f"{node}: input 'guidance' has self-guidance terms, which read a UNet's cross-attention (SD1.x, SD2.x, "
             f"SDXL); this model ({type(base_model).__name__}, {type(getattr(base_model, 'diffusion_model', None)).__name__}) "
             f"is not supported yet. Remove the self-guidance nodes for this model.")
+    check_prompts(guidance, positive, node)
     lengths = {t.loss.context_length for t in guidance.terms if t.kind == "internal"}
     if len(lengths) > 1:
         raise GuidanceInputError(f"{node}: the self-guidance nodes were given prompts of different lengths "
                                  f"({sorted(lengths)} tokens): give each the positive prompt")
     layers = ac.attention_layers(unet)
-    terms = []
+    terms, moved = [], {}  # one moved copy per reference latent: terms that share a reference share its passes
     for term in guidance.terms:
         if term.kind == "internal":
             loss = term.loss
@@ -480,7 +511,9 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str):
                                          f"layers {missing or names}; it has {', '.join(layers)}")
             reference = None
             if isinstance(loss.reference, torch.Tensor):
-                reference = _reference_latent(loss.reference, base_model, x, node, term.name)
+                if id(loss.reference) not in moved:
+                    moved[id(loss.reference)] = _reference_latent(loss.reference, base_model, x, node, term.name)
+                reference = moved[id(loss.reference)]
             term = dataclasses.replace(term, loss=loss.bound(names, reference))
         terms.append(term)
     return type(guidance)(tuple(terms)), unet, lengths.pop()
@@ -577,7 +610,8 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
         extra_args = dict(extra_args or {})
         base = model.inner_model.inner_model
         parameterization = parameterization_of(base, node)
-        run_guidance, unet, context_length = prepare_internal_terms(guidance, base, x, node)
+        run_guidance, unet, context_length = prepare_internal_terms(guidance, base, x, node,
+                                                                    positive_conds(model, extra_args))
         decoder_vae = options.guidance_vae or vae
         if options.guidance_vae is not None:
             check_guidance_vae(options.guidance_vae, base, node)

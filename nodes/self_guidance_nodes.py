@@ -18,7 +18,7 @@ from . import attention_capture as ac
 from .comfy_bridge import GuidanceInputError
 from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
 from .validation import CheckedNode
-from .tokens import split_words, token_positions
+from .tokens import PromptCheck, encode_text, prompt_of_conditioning, split_words, token_positions
 
 CATEGORY = "sampling/universal guidance/self-guidance"
 
@@ -29,14 +29,28 @@ def _window(default_end: float = 0.6) -> dict:
     return {k: v for k, v in inputs.items() if k != "weight"}
 
 
+CLIP_INPUT = {"clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint: its tokenizer finds the words' token "
+                                            "positions in the typed 'prompt'. Not needed when 'conditioning' is "
+                                            "connected."})}
+PROMPT_INPUTS = {
+    **CLIP_INPUT,
+    "conditioning": ("CONDITIONING", {
+        "tooltip": "The positive conditioning from a UG Prompt node — the same output that goes into the sampler's "
+                   "positive input: the words are found in the text the model is conditioned on, so the prompt is "
+                   "typed once. When connected, 'clip' is not needed and 'prompt' may stay empty."}),
+}
+
+
 def sg_inputs(weight: float, weight_tip: str) -> dict:
-    """clip, prompt, words, layers, weight and the window (ending at 60 % of the steps by default: an object's
-    layout is set early, and later steps refine it)."""
+    """prompt, words, layers, weight and the window (ending at 60 % of the steps by default: an object's layout is
+    set early, and later steps refine it). The prompt's source (``PROMPT_INPUTS``: clip, conditioning) is
+    optional."""
     return {
-        "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint: its tokenizer finds the words' token positions."}),
         "prompt": ("STRING", {"multiline": True, "default": "",
-                              "tooltip": "The positive prompt, exactly as given to the positive CLIP Text Encode "
-                                         "(token positions are counted in it)."}),
+                              "tooltip": "The positive prompt, exactly as the sampler's positive conditioning "
+                                         "encodes it (token positions are counted in it; a prompt that differs is "
+                                         "an error when the sampler runs). Leave empty when 'conditioning' is "
+                                         "connected to a UG Prompt."}),
         "words": ("STRING", {"default": "", "tooltip": "The word(s) naming the object, e.g. 'dog' or 'red ball'; "
                                                          "several objects separated by commas. Every sub-token of "
                                                          "every occurrence is used."}),
@@ -55,6 +69,47 @@ def sg_inputs(weight: float, weight_tip: str) -> dict:
     }
 
 
+REFERENCE_INPUT = {"reference": ("LATENT", {
+    "tooltip": "Optional reference image as a latent. From UG Invert (a real image inverted with the sampler's "
+               "schedule): the edit runs against that image's own trajectory, step by step, and the sampler starts "
+               "from its inverted noise. Any other latent (e.g. VAE Encode of a photo): noised to each step's noise "
+               "level with fixed noise, resized to the generated size. Unconnected: the unguided run from the same "
+               "noise (one extra model pass per guided step)."})}
+
+
+def _reference(reference):
+    """The reference a term compares against: the unguided twin, an inversion trajectory, or a latent."""
+    if reference is None:
+        return sg.ORIGINAL
+    from .inversion_nodes import trajectory_of
+    trajectory = trajectory_of(reference)
+    return trajectory if trajectory is not None else reference["samples"]
+
+
+def prompt_tokens(node: str, clip, prompt: str, words: str, conditioning=None) -> tuple:
+    """``(token positions, context length, PromptCheck)`` of ``words``: looked up in the text of a UG Prompt's
+    ``conditioning`` when connected, else in the typed ``prompt`` with ``clip``'s tokenizer. The check lets the
+    sampler refuse a term whose prompt is not the one its positive conditioning encodes."""
+    prompt = prompt or ""
+    if conditioning is not None:
+        info, context = prompt_of_conditioning(conditioning, node)
+        if prompt.strip() and prompt.strip() != info.text.strip():
+            raise GuidanceInputError(
+                f"{node}: input 'prompt' ({prompt!r}) differs from the text of the UG Prompt connected to "
+                f"'conditioning' ({info.text!r}); leave 'prompt' empty (the words are looked up in the UG Prompt's "
+                f"text) or disconnect 'conditioning'")
+        tokens, length = token_positions(info.clip, info.text, words, node)
+        return tokens, length, PromptCheck(info.text, context, "conditioning", node)
+    if clip is None:
+        raise GuidanceInputError(
+            f"{node}: inputs 'clip' and 'conditioning' are both unconnected; connect the positive UG Prompt to "
+            f"'conditioning' (recommended: the prompt is typed once), or connect the checkpoint's CLIP to 'clip' and "
+            f"type the positive prompt in 'prompt'")
+    tokens, length = token_positions(clip, prompt, words, node)
+    context, _ = encode_text(clip, prompt)
+    return tokens, length, PromptCheck(prompt, context, "prompt", node)
+
+
 class SelfGuidanceNode(LossNode):
     CATEGORY = CATEGORY
     TERM = "self_guidance"
@@ -65,8 +120,6 @@ class SelfGuidanceNode(LossNode):
         problems = []
         if isinstance(words, str) and not split_words(words):
             problems.append("input 'words': empty; name a word of the prompt, e.g. 'dog'")
-        if isinstance(prompt, str) and not prompt.strip():
-            problems.append("input 'prompt': empty; give the positive prompt, word for word")
         return problems
 
     @classmethod
@@ -74,14 +127,14 @@ class SelfGuidanceNode(LossNode):
         return super().problems(values) + cls.word_problems(values)
 
     def make_term(self, loss_cls, clip, prompt, words, layers, weight, start_percent, end_percent, guidance,
-                  label, **loss_kw):
+                  label, conditioning=None, **loss_kw):
         node = self.NAME
-        tokens, length = token_positions(clip, prompt, words, node)
+        tokens, length, check = prompt_tokens(node, clip, prompt, words, conditioning)
         try:
             loss = loss_cls(tokens, label=label, **loss_kw)
         except ValueError as e:
             raise GuidanceInputError(f"{node}: {e}") from None
-        loss.layer_rule, loss.context_length = layers, length
+        loss.layer_rule, loss.context_length, loss.prompt_check = layers, length, check
         return add_term(node, guidance, f"{self.TERM}:{label}", loss, weight, start_percent, end_percent)
 
 
@@ -97,15 +150,17 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
         return {"required": {
             **sg_inputs(4.0, "Multiplies the loss |centroid − target| (mean over x, y; positions in [0, 1])."),
             "mode": (["to (x, y)", "by (dx, dy)"], {
-                "default": "to (x, y)", "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the unguided "
-                           "run from the same noise puts it (costs one extra model pass per guided step)."}),
+                "default": "to (x, y)",
+                "tooltip": "'to': move the centroid to (x, y); 'by': move it by (dx, dy) from where the reference "
+                           "puts it — the unguided run from the same noise, or the photo inverted by UG Invert on "
+                           "'reference' (costs one extra model pass per guided step)."}),
             "x": ("FLOAT", {"default": 0.25, "min": -1.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Target x ('to': 0 = left edge, 1 = right edge) or dx ('by': fraction of "
                                        "the width, + = right)."}),
             "y": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Target y ('to': 0 = top, 1 = bottom) or dy ('by': fraction of the "
                                        "height, + = down)."})},
-            "optional": dict(CHAIN_INPUT)}
+            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
 
     @classmethod
     def problems(cls, values: dict) -> list:
@@ -115,13 +170,21 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
             problems.append(f"inputs 'x'/'y': a target position must lie in [0, 1] (got {x:g}, {y:g})")
         return problems
 
-    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, mode, x, y, guidance=None):
+    def build(self, clip=None, prompt="", words="", layers="auto", weight=4.0, start_percent=0.0, end_percent=0.6,
+              mode="to (x, y)", x=0.25, y=0.5, guidance=None, conditioning=None, reference=None):
         if mode.startswith("to"):
+            if reference is not None:
+                raise GuidanceInputError(f"{self.NAME}: input 'reference' is used by mode 'by (dx, dy)' only (a move "
+                                         f"relative to where the reference puts the object); with 'to (x, y)' "
+                                         f"disconnect it, or pick 'by (dx, dy)'. To move an object of a photo to "
+                                         f"(x, y), keep 'to (x, y)' and chain a Keep Layout or Keep Appearance node "
+                                         f"whose reference is UG Invert's output: the sampler then starts from the "
+                                         f"inverted photo")
             kw = {"target": (x, y)}
         else:
-            kw = {"shift": (x, y), "reference": sg.ORIGINAL}
+            kw = {"shift": (x, y), "reference": _reference(reference)}
         return self.make_term(sg.MoveLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, **kw)
+                              guidance, words, conditioning, **kw)
 
 
 class UniversalGuidanceSGResize(SelfGuidanceNode):
@@ -135,24 +198,15 @@ class UniversalGuidanceSGResize(SelfGuidanceNode):
         return {"required": {
             **sg_inputs(0.7, "Multiplies the loss |size − factor·size_unguided| (size = fraction of the image)."),
             "factor": ("FLOAT", {"default": 1.5, "min": 0.05, "max": 20.0, "step": 0.05,
-                                 "tooltip": "Target size (area) relative to the unguided run: 2 = twice the area, "
+                                 "tooltip": "Target size (area) relative to the reference (the unguided run, or "
+                                            "the photo inverted by UG Invert on 'reference'): 2 = twice the area, "
                                             "0.5 = half. Costs one extra model pass per guided step."})},
-            "optional": dict(CHAIN_INPUT)}
+            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
 
-    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, factor, guidance=None):
+    def build(self, clip=None, prompt="", words="", layers="auto", weight=0.7, start_percent=0.0, end_percent=0.6,
+              factor=1.5, guidance=None, conditioning=None, reference=None):
         return self.make_term(sg.ResizeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, factor=factor)
-
-
-REFERENCE_INPUT = {"reference": ("LATENT", {
-    "tooltip": "Optional reference (e.g. VAE Encode of a real image): its layout/appearance, noised to each "
-               "step's noise level, replaces the unguided run's. Resized to the generated size."})}
-
-
-def _reference(reference):
-    if reference is None:
-        return sg.ORIGINAL
-    return reference["samples"]
+                              guidance, words, conditioning, factor=factor, reference=_reference(reference))
 
 
 class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
@@ -164,29 +218,31 @@ class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": sg_inputs(10.0, "Multiplies the loss mean|shape − shape_reference| over pixels."),
-                "optional": {**REFERENCE_INPUT, **CHAIN_INPUT}}
+                "optional": {**PROMPT_INPUTS, **REFERENCE_INPUT, **CHAIN_INPUT}}
 
-    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, reference=None,
-              guidance=None):
+    def build(self, clip=None, prompt="", words="", layers="auto", weight=10.0, start_percent=0.0, end_percent=0.6,
+              reference=None, guidance=None, conditioning=None):
         return self.make_term(sg.KeepShapeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, reference=_reference(reference))
+                              guidance, words, conditioning, reference=_reference(reference))
 
 
 class UniversalGuidanceSGKeepAppearance(SelfGuidanceNode):
     NAME = "UG Self-Guidance Keep Appearance"
     TERM = "keep_appearance"
-    DESCRIPTION = ("Keeps how the named objects look as in the unguided run from the same noise: L1 between the "
-                   "UNet's decoder activations averaged under each object's attention mask.")
+    DESCRIPTION = ("Keeps how the named objects look as in the unguided run from the same noise (or in a "
+                   "reference, e.g. a photo inverted by UG Invert): L1 between the UNet's decoder activations "
+                   "averaged under each object's attention mask.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_unguided| over "
                                             "feature channels."),
-                "optional": dict(CHAIN_INPUT)}
+                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
 
-    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, guidance=None):
+    def build(self, clip=None, prompt="", words="", layers="auto", weight=12.0, start_percent=0.0, end_percent=0.6,
+              guidance=None, conditioning=None, reference=None):
         return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, reference=sg.ORIGINAL)
+                              guidance, words, conditioning, reference=_reference(reference))
 
 
 class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
@@ -200,11 +256,15 @@ class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {**sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_reference|."),
                              "reference": REFERENCE_INPUT["reference"]},
-                "optional": dict(CHAIN_INPUT)}
+                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT}}
 
-    def build(self, clip, prompt, words, layers, weight, start_percent, end_percent, reference, guidance=None):
+    def build(self, clip=None, prompt="", words="", layers="auto", weight=12.0, start_percent=0.0, end_percent=0.6,
+              reference=None, guidance=None, conditioning=None):
+        if reference is None:
+            raise GuidanceInputError(f"{self.NAME}: input 'reference' is missing; connect the LATENT of the image "
+                                     f"whose appearance to take (e.g. VAE Encode of a photo)")
         return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, reference=reference["samples"])
+                              guidance, words, conditioning, reference=_reference(reference))
 
 
 # --------------------------------------------------------------------------------------------- attention map
@@ -236,7 +296,11 @@ class UniversalGuidanceAttentionMap(CheckedNode):
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL)."}),
-                "clip": base["clip"], "prompt": base["prompt"], "words": base["words"], "layers": base["layers"],
+                "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint: it encodes 'prompt' and finds the words' "
+                                             "token positions in it."}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The prompt to condition the pass on (the positive prompt of the "
+                                                 "run you look at)."}), "words": base["words"], "layers": base["layers"],
                 "latent": ("LATENT", {"tooltip": "The image to look at, as a latent (e.g. a sampler's output, or "
                                                  "VAE Encode of a photo); an empty latent shows the layout the "
                                                  "model starts from."}),
@@ -269,6 +333,34 @@ class UniversalGuidanceAttentionMap(CheckedNode):
         return (picture.clamp(0, 1), heat)
 
 
-SELF_GUIDANCE_NODES = (UniversalGuidanceSGMove, UniversalGuidanceSGResize, UniversalGuidanceSGKeepLayout,
-                       UniversalGuidanceSGKeepAppearance, UniversalGuidanceSGAppearanceTransfer,
+class UniversalGuidancePrompt(CheckedNode):
+    NAME = "UG Prompt"
+    DESCRIPTION = ("CLIP Text Encode that also carries its text: connect its output to the sampler's positive input "
+                   "and to the 'conditioning' input of the self-guidance nodes, which then find their words in the "
+                   "text the model is conditioned on (the prompt is typed once). The conditioning is the same as "
+                   "CLIP Text Encode's.")
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint (as for CLIP Text Encode)."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                "tooltip": "The positive prompt. Prompt weights such as (dog:1.3) work as in CLIP "
+                                           "Text Encode; self-guidance nodes look their words up in this text."})}}
+
+    def encode(self, clip, text):
+        from .tokens import PROMPT_KEY, PromptTokens
+        if clip is None:
+            raise GuidanceInputError(f"{self.NAME}: input 'clip' is missing; connect the CLIP of the checkpoint")
+        _, conditioning = encode_text(clip, text)
+        info = PromptTokens(text, clip)
+        return ([[c, {**d, PROMPT_KEY: info}] for c, d in conditioning],)
+
+
+SELF_GUIDANCE_NODES = (UniversalGuidancePrompt, UniversalGuidanceSGMove, UniversalGuidanceSGResize,
+                       UniversalGuidanceSGKeepLayout, UniversalGuidanceSGKeepAppearance, UniversalGuidanceSGAppearanceTransfer,
                        UniversalGuidanceAttentionMap)

@@ -76,3 +76,87 @@ def token_positions(clip, prompt: str, words: str, node: str, input_name: str = 
         raise GuidanceInputError(f"{node}: the text encoders of this CLIP place {words!r} at different positions "
                                  f"({found}); self-guidance cannot tell which to use")
     return values[0], length
+
+
+# ------------------------------------------------------------------------ the prompt the positions refer to
+
+PROMPT_KEY = "ug_prompt"  # the key under which UG Prompt's conditioning carries its text and tokenizer
+
+
+class PromptTokens:
+    """What a UG Prompt attaches to each entry of its conditioning: the text it encoded and the CLIP whose
+    tokenizer encoded it, so that self-guidance nodes find their words in the very text the model is conditioned
+    on. Copying a conditioning (ComfyUI copies its dicts) keeps the same object."""
+
+    def __init__(self, text: str, clip):
+        self.text, self.clip = text, clip
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return f"PromptTokens({self.text!r})"
+
+
+class PromptCheck:
+    """The conditioning a self-guidance term's token positions were counted in: its text, the cross-attention
+    context it encodes to (``[L, D]``) and where the text came from (``source``: the node input that gave it)."""
+
+    def __init__(self, text: str, context, source: str, node: str):
+        self.text, self.source, self.node = text, source, node
+        self.context = context.detach().reshape(-1, *context.shape[-2:])[0].float().cpu().clone()
+
+
+def prompt_of_conditioning(conditioning, node: str, input_name: str = "conditioning"):
+    """``(PromptTokens, context tensor)`` of a CONDITIONING made by UG Prompt; a clear error otherwise."""
+    found = [(c[1][PROMPT_KEY], c[0]) for c in conditioning or []
+             if isinstance(c, (list, tuple)) and len(c) > 1 and isinstance(c[1], dict) and PROMPT_KEY in c[1]]
+    if not found:
+        raise GuidanceInputError(
+            f"{node}: input '{input_name}' carries no prompt text (it was not made by a UG Prompt node); encode the "
+            f"positive prompt with UG Prompt (a drop-in for CLIP Text Encode) and connect its output both here and "
+            f"to the sampler's positive input, or leave '{input_name}' unconnected and type the positive prompt in "
+            f"'prompt' with the checkpoint's CLIP connected to 'clip'")
+    texts = {p.text for p, _ in found}
+    if len(texts) > 1:
+        raise GuidanceInputError(
+            f"{node}: input '{input_name}' combines several UG Prompt texts ({', '.join(repr(t) for t in texts)}); "
+            f"connect the one UG Prompt whose words this node edits")
+    return found[0]
+
+
+def encode_text(clip, text: str):
+    """The cross-attention context ``[1, L, D]`` CLIP Text Encode gives ``text`` (and its pooled output)."""
+    tokens = clip.tokenize(text)
+    if hasattr(clip, "encode_from_tokens_scheduled"):
+        out = clip.encode_from_tokens_scheduled(tokens)
+        return out[0][0], out
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, [[cond, {"pooled_output": pooled}]]
+
+
+def _same_context(a, b) -> bool:
+    b = b.detach().reshape(-1, *b.shape[-2:])[0].float().cpu()
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    scale = float(a.abs().max().clamp_min(1.0))
+    return bool(((a - b).abs().max() <= 1e-3 * scale).item())
+
+
+def conditioning_mismatch(check: PromptCheck, term_name: str, positive) -> str | None:
+    """Why the sampler's positive conditioning (``positive``: ComfyUI's processed cond dicts, each with
+    ``cross_attn``) is not the one ``check`` describes, or None when one of its entries is."""
+    contexts = [c.get("cross_attn") for c in positive if isinstance(c, dict) and c.get("cross_attn") is not None]
+    if not contexts or any(_same_context(check.context, c) for c in contexts):
+        return None
+    texts = sorted({c[PROMPT_KEY].text for c in positive if isinstance(c, dict) and PROMPT_KEY in c})
+    given = (f"the sampler's positive conditioning encodes {', '.join(repr(t) for t in texts)}" if texts else
+             "the sampler's positive conditioning encodes a different text (or was made with another CLIP)")
+    if check.source == "prompt":
+        fix = ("encode the positive prompt with a UG Prompt node and connect it both to the sampler's positive "
+               "input and to this node's 'conditioning' input (then 'prompt' may stay empty), or type the "
+               "sampler's positive prompt here word for word, with the same CLIP")
+    else:
+        fix = "connect the same UG Prompt to this node's 'conditioning' input and to the sampler's positive input"
+    return (f"self-guidance term {term_name!r} ({check.node}): its words were looked up in input '{check.source}' "
+            f"= {check.text!r}, but {given}, so its token positions would point at other words; {fix}")

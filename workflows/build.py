@@ -415,5 +415,133 @@ def main(argv=None) -> int:
     return status
 
 
+
+# ------------------------------------------------------------ real-image editing and composition (whole graphs)
+
+@dataclass
+class GraphWorkflow(Workflow):
+    """A workflow whose whole graph ``graph(wf) -> (nodes, groups)`` gives, instead of a sampler scaffold."""
+
+    graph: object = None
+
+
+EDIT_PROMPT = "a photo of a dog on a beach"
+EDIT_NOTE = ("\n\nModel files: an SD 1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors) in ComfyUI/models/"
+             "checkpoints/; no other model file. Images: example.png (ComfyUI's own) stands in — load your "
+             "photo(s) in the Load Image node(s) (ComfyUI/input/), at the size you generate (512x512 here). UG Prompt "
+             "encodes the positive prompt once: the self-guidance nodes find their words in it. UG Invert inverts "
+             "the photo along the sampler's schedule (steps, scheduler, cfg): SamplerCustom takes its sigmas and "
+             "its latent with add_noise off and the same cfg, so without edits it returns the photo. Weights and "
+             "strengths are starting points, not tuned on real Stable Diffusion weights.")
+
+
+def _edit_common(wf, prompt: str) -> list:
+    return [
+        Node(30, "Note", (C0, 20), {"text": wf.note}, title="Read me: files and settings", size=(360, 420)),
+        Node(1, "CheckpointLoaderSimple", (C0, 500), {"ckpt_name": CHECKPOINT}, size=(360, 100)),
+        Node(2, "UniversalGuidancePrompt", (C1, 20), {"clip": link(1, "CLIP"), "text": prompt},
+             title="Positive prompt (UG Prompt)", size=(400, 180)),
+        Node(3, "CLIPTextEncode", (C1, 250), {"text": wf.negative, "clip": link(1, "CLIP")},
+             title="Negative prompt", size=(400, 160)),
+    ]
+
+
+def _edit_sampling(wf, guidance_out: int, invert_id: int) -> list:
+    return [
+        Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(1, "VAE"),
+                                                       "guidance": link(guidance_out, "UG_GUIDANCE"),
+                                                       **knobs_of(wf)}, size=(360, 380)),
+        Node(5, "SamplerCustom", (C3, 450), {
+            "model": link(1, "MODEL"), "add_noise": False, "noise_seed": 0, "cfg": wf.cfg,
+            "positive": link(2, 0), "negative": link(3, 0), "sampler": link(20, "SAMPLER"),
+            "sigmas": link(invert_id, "SIGMAS"), "latent_image": link(invert_id, "LATENT")}, size=(360, 230)),
+        Node(6, "VAEDecode", (C4, 20), {"samples": link(5, 0), "vae": link(1, "VAE")}, size=(220, 50)),
+        Node(7, "SaveImage", (C4, 120), {"images": link(6, "IMAGE"),
+                                         "filename_prefix": "universal_guidance/" + wf.file[:-5]}, size=(420, 470)),
+        Node(24, "UniversalGuidanceRunReport", (C4, 620), {"sampler": link(20, "SAMPLER"), "latent": link(5, 0)},
+             size=(300, 60)),
+        Node(25, "PreviewImage", (C4, 720), {"images": link(24, "IMAGE")}, title="Run report", size=(420, 300)),
+    ]
+
+
+def _photo(node_id: int, encode_id: int, pos, title: str) -> list:
+    x, y = pos
+    return [Node(node_id, "LoadImage", (x, y), {"image": REFERENCE}, title=title, size=(340, 360)),
+            Node(encode_id, "VAEEncode", (x, y + 400), {"pixels": link(node_id, "IMAGE"), "vae": link(1, "VAE")},
+                 size=(340, 50))]
+
+
+def _invert(node_id: int, latent_id: int, pos, wf) -> Node:
+    return Node(node_id, "UniversalGuidanceInvert", pos, {
+        "model": link(1, "MODEL"), "positive": link(2, 0), "negative": link(3, 0), "latent": link(latent_id, 0),
+        "steps": 50, "scheduler": "normal", "denoise": 1.0, "cfg": wf.cfg, "iterations": 3}, size=(340, 230))
+
+
+def _sg(node_id: int, kind: str, pos, words: str, weight: float, extra: dict, chain=None) -> Node:
+    inputs = {"conditioning": link(2, 0), "prompt": "", "words": words, "layers": "auto", "weight": weight,
+              "start_percent": 0.0, "end_percent": 0.6, **extra}
+    if chain is not None:
+        inputs["guidance"] = link(chain, "UG_GUIDANCE")
+    return Node(node_id, kind, pos, inputs, size=(340, 300))
+
+
+def real_image_move_graph(wf):
+    """Photo → VAE Encode → UG Invert; Move the dog by (+0.2, 0) against the photo's own trajectory, keeping the
+    dog's appearance and the beach's layout; SamplerCustom from the inverted latent with UG Invert's sigmas."""
+    nodes = _edit_common(wf, EDIT_PROMPT) + _photo(11, 12, (C0, 660), "Photo to edit") + [
+        _invert(13, 12, (C1, 530), wf),
+        _sg(14, "UniversalGuidanceSGKeepLayout", (C1, 800), "beach", 10.0, {"reference": link(13, "LATENT")}),
+        _sg(15, "UniversalGuidanceSGKeepAppearance", (C2, 530), "dog", 12.0, {"reference": link(13, "LATENT")},
+            chain=14),
+        _sg(10, "UniversalGuidanceSGMove", (C2, 870), "dog", 4.0,
+            {"mode": "by (dx, dy)", "x": 0.2, "y": 0.0, "reference": link(13, "LATENT")}, chain=15),
+    ] + _edit_sampling(wf, 10, 13)
+    return nodes, [Group(wf.guidance_title, [11, 12, 13, 14, 15, 10], color="#8A8"),
+                   Group("Sampling", [5, 20], color="#88A")]
+
+
+def composition_graph(wf):
+    """Layout from one photo (inverted), the cat's appearance from a second, the sofa's from a third."""
+    nodes = _edit_common(wf, "a photo of a cat on a sofa") + _photo(11, 12, (C0, 660), "Layout photo") + \
+        _photo(16, 17, (C1, 1060), "Appearance of the cat") + _photo(18, 19, (C2, 1260), "Appearance of the sofa") + [
+        _invert(13, 12, (C1, 530), wf),
+        _sg(14, "UniversalGuidanceSGKeepLayout", (C1, 800), "cat, sofa", 10.0, {"reference": link(13, "LATENT")}),
+        _sg(15, "UniversalGuidanceSGAppearanceTransfer", (C2, 530), "cat", 12.0, {"reference": link(17, "LATENT")},
+            chain=14),
+        _sg(10, "UniversalGuidanceSGAppearanceTransfer", (C2, 870), "sofa", 12.0,
+            {"reference": link(19, "LATENT")}, chain=15),
+    ] + _edit_sampling(wf, 10, 13)
+    return nodes, [Group(wf.guidance_title, [11, 12, 13, 14, 15, 10, 16, 17, 18, 19], color="#8A8"),
+                   Group("Sampling", [5, 20], color="#88A")]
+
+
+EDIT_WORKFLOWS = [
+    GraphWorkflow(
+        file="self_guidance_real_image_move.json", title="Universal Guidance — self-guidance: move an object in a photo",
+        sampler="graph", guidance=[], guidance_out=10, guidance_title="Invert the photo, move the dog, keep the rest",
+        positive=EDIT_PROMPT, knobs=SG_KNOBS, cfg=1.0, graph=real_image_move_graph,
+        note="Universal Guidance: self-guidance on a real photo — the photo is inverted (UG Invert) and the edits "
+             "run against its own trajectory: the dog moves right by 0.2 of the width while its appearance and the "
+             "beach's layout are kept." + EDIT_NOTE),
+    GraphWorkflow(
+        file="self_guidance_composition.json", title="Universal Guidance — self-guidance: compose from several images",
+        sampler="graph", guidance=[], guidance_out=10,
+        guidance_title="Layout from photo 1, cat from photo 2, sofa from photo 3",
+        positive="a photo of a cat on a sofa", knobs=SG_KNOBS, cfg=1.0, graph=composition_graph,
+        note="Universal Guidance: self-guidance composition (the paper's objects from several images) — the layout "
+             "of the cat and the sofa comes from the first photo (inverted), the cat's appearance from the second, "
+             "the sofa's from the third (Appearance Transfer, each with its own reference)." + EDIT_NOTE),
+]
+WORKFLOWS += EDIT_WORKFLOWS
+
+_scaffold_description = description
+
+
+def description(wf: Workflow):  # noqa: F811 - whole-graph workflows describe themselves
+    if isinstance(wf, GraphWorkflow):
+        return wf.graph(wf)
+    return _scaffold_description(wf)
+
+
 if __name__ == "__main__":
     sys.exit(main())
