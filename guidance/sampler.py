@@ -63,7 +63,24 @@ class Settings:
         [0, 1]) and the K losses are averaged (``mean``) or log-mean-exp'ed (``logmeanexp``, TFG). One decode.
     max_step: bound of a forward-guidance update: the predicted noise moves by at most ``max_step·‖ε̂‖`` per
         image (capped updates are counted in the run's summary), so no strength pushes the latent to magnitudes
-        a half-precision decoder cannot hold. 0: no bound.
+        a half-precision decoder cannot hold. 0: no bound on an update at all (this one and the two below: the
+        paper's rule as written).
+    step_bound (κ): the schedule-safe bound of a forward-guidance update, in every strength mode. The update of
+        x̂0 moves the next sample by ``Δx_{i+1} = (a(σ_{i+1}) − b(σ_{i+1})·a(σ_i)/b(σ_i))·Δx̂0`` (``(1 −
+        σ_{i+1}/σ_i)·Δx̂0`` for both families); it is scaled down (never skipped) so that ``RMS(Δx_{i+1}) ≤
+        κ·b(σ_{i+1})``: a fraction of the next sample's own noise level, whatever the schedule and step count.
+        Without it a strength sized against ``σ_i`` moves the next sample by ``(σ_i/σ_{i+1} − 1)·s`` of its noise
+        level: 0.13·s on SD's 50-step schedule, 8.9·s on a cosine schedule from σ 316, hundreds·s at the first
+        step of a zero-terminal-SNR schedule. κ = 0.2 lies above what the shapes benchmark's headline rows reach
+        (Move at s = 0.1: ≤ 0.013; appearance at s = 1: ≤ 0.13) and, were the displacement unstructured, would
+        raise the next sample's effective noise level by at most √(1 + κ²) − 1 = 2 %; it acts on few-step
+        schedules' last steps, where σ_i/σ_{i+1} is large. Not applied at the last step (σ_{i+1} = 0). 0: off.
+    x0_bound (δ): ``RMS(Δx̂0) ≤ δ`` in data units — the latents every supported family samples in are scaled to
+        about unit variance, so δ = 2 lets one update move the clean prediction by at most twice the data's own
+        spread (it also bounds the last step, which κ does not). It acts where a strength sized against a large
+        σ moves x̂0 by more (e.g. ``normalized`` s ≥ 2/σ_i). 0: off. Updates shrunk by either bound are counted
+        in the run's summary with the smallest factor applied. Backward guidance (which optimises x̂0 itself in
+        latent units) is not bounded.
     """
 
     forward_strength: float = 1.0
@@ -81,6 +98,8 @@ class Settings:
     smoothing_samples: int = 0
     smoothing_reduction: str = "mean"
     max_step: float = 10.0
+    step_bound: float = 0.2
+    x0_bound: float = 2.0
 
     def __post_init__(self):
         if self.strength_mode not in STRENGTH_MODES:
@@ -101,6 +120,20 @@ class Settings:
         Smoothing(self.smoothing, self.smoothing_samples, self.smoothing_reduction)  # validates
         if not math.isfinite(self.max_step) or self.max_step < 0:
             raise ValueError(f"max_step must be a finite number >= 0, got {self.max_step}")
+        for name in ("step_bound", "x0_bound"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (0 = off), got {value}")
+
+    @property
+    def bounds_update(self) -> bool:
+        """Whether the schedule-safe bound applies (``max_step = 0`` switches every bound on an update off)."""
+        return self.max_step > 0 and (self.step_bound > 0 or self.x0_bound > 0)
+
+    def bound_text(self) -> str:
+        parts = ([f"RMS Δx_next ≤ {self.step_bound:g}·σ_next"] if self.step_bound > 0 else []) + \
+                ([f"RMS Δx̂0 ≤ {self.x0_bound:g}"] if self.x0_bound > 0 else [])
+        return ", ".join(parts)
 
     @property
     def smoothing_spec(self) -> Smoothing:
@@ -129,6 +162,9 @@ class Stats:
     ``updates`` / ``skipped_updates``: guidance updates tried and skipped (non-finite), counted per image.
     ``loss_scale_start`` / ``loss_scale``: the loss scale the run started with and ended with (1: unscaled);
     ``loss_scale_backoffs``: extra backward passes taken at a lowered scale after an overflow.
+    ``bound_checked`` / ``bound_acted``: forward-guidance updates (per image) the schedule-safe bound
+    (``Settings.step_bound`` / ``x0_bound``) was checked on and shrank; ``bound_min_scale``: the smallest factor it
+    applied (1: none); ``bound_x0_acted``: of those shrunk, how many by the data-unit bound ``x0_bound``.
     ``idle_terms``: lines naming the terms whose window held no step of the run.
     ``weight_copy_bytes``: bytes of model weights the host adapter copied to make them usable under autograd
     (0 where it used them in place)."""
@@ -142,6 +178,10 @@ class Stats:
     objective_calls: int = 0
     nonfinite_skips: int = 0
     capped_updates: int = 0
+    bound_checked: int = 0
+    bound_acted: int = 0
+    bound_x0_acted: int = 0
+    bound_min_scale: float = 1.0
     updates: int = 0
     skipped_updates: int = 0
     loss_scale_start: float = 1.0
@@ -177,6 +217,16 @@ class Stats:
             text += f", {self.reference_calls} reference passes"
         return text + (f" in {seconds:.1f} s" if seconds is not None else "")
 
+    def bound_line(self, settings: "Settings") -> Optional[str]:
+        """How often the schedule-safe bound acted (None where it checked no update)."""
+        if not self.bound_checked:
+            return None
+        text = f"step bound ({settings.bound_text()}): acted on {self.bound_acted} of {self.bound_checked} updates"
+        if self.bound_acted:
+            text += f" (max shrink ×{self.bound_min_scale:.2g}"
+            text += f"; {self.bound_x0_acted} by the x̂0 bound)" if self.bound_x0_acted else ")"
+        return text
+
     def notes(self, settings: "Settings") -> list:
         """Lines about what the run did differently from what was asked: terms that guided no step, updates
         skipped (non-finite) or capped, a lowered loss scale."""
@@ -190,6 +240,8 @@ class Stats:
         if self.capped_updates:
             lines.append(f"{self.capped_updates} guidance update(s) capped at max_step = {settings.max_step:g} × "
                          f"‖ε‖ (lower the strength, or raise max_step)")
+        if self.bound_acted:
+            lines.append(self.bound_line(settings))
         if self.loss_scale_backoffs:
             lines.append(f"fp16 loss scale lowered from {self.loss_scale_start:g} to {self.loss_scale:g} after "
                          f"gradient overflows ({self.loss_scale_backoffs} extra backward pass(es))")
@@ -347,9 +399,11 @@ class _Step:
         with torch.no_grad():
             return self.denoise(x, sigma)
 
-    def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float) -> torch.Tensor:
+    def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float,
+               sigma_next: Optional[float] = None) -> torch.Tensor:
+        """``sigma_next``: where this step goes (the schedule-safe bound's noise level; None: not applied)."""
         s, sig = self.s, float(sigma[0])
-        self._sigma_in = sigma
+        self._sigma_in, self._sigma_next = sigma, sigma_next
         strength = s.forward_strength * s.schedule_factor(progress)
         # Where a(σ) ≈ 0 (flow at σ = 1, pure noise) x̂0 carries no information about x and the strength unit
         # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
@@ -418,7 +472,35 @@ class _Step:
             if bool(over.any()):
                 self.stats.capped_updates += int(over.sum())
                 shift = torch.where(over, shift * (limit / size.clamp_min(1e-30)).to(shift.dtype), shift)
-        return shift
+        return self._bound(shift, sig)
+
+    def _bound(self, shift: torch.Tensor, sig: float) -> torch.Tensor:
+        """``shift`` scaled down per image so that the next sample moves by at most ``step_bound·b(σ_next)`` RMS
+        and x̂0 by at most ``x0_bound`` RMS (``Settings.step_bound``); counted in ``Stats``."""
+        s, p, sig_next = self.s, self.param, getattr(self, "_sigma_next", None)
+        if not s.bounds_update or sig_next is None or not sig > 0:
+            return shift
+        view = (-1,) + (1,) * (shift.dim() - 1)
+        rms = shift.detach().flatten(1).float().pow(2).mean(dim=1).sqrt()
+        limit = torch.full_like(rms, math.inf)
+        by_x0 = torch.zeros_like(rms, dtype=torch.bool)
+        if s.step_bound > 0 and sig_next > 0:
+            carry = abs(p.a(sig_next) - p.b(sig_next) * p.a(sig) / p.b(sig))   # Δx_{i+1} = carry·Δx̂0
+            if carry > 0:
+                limit = limit.clamp_max(s.step_bound * p.b(sig_next) / carry)
+        if s.x0_bound > 0:
+            by_x0 = limit > s.x0_bound
+            limit = limit.clamp_max(s.x0_bound)
+        finite = torch.isfinite(rms)
+        over = finite & (rms > limit)
+        self.stats.bound_checked += int(finite.sum())
+        if not bool(over.any()):
+            return shift
+        scale = torch.where(over, limit / rms.clamp_min(1e-30), torch.ones_like(rms))
+        self.stats.bound_acted += int(over.sum())
+        self.stats.bound_x0_acted += int((over & by_x0).sum())
+        self.stats.bound_min_scale = min(self.stats.bound_min_scale, float(scale.min()))
+        return shift * scale.view(view).to(shift.dtype)
 
     def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
         """``(x̂0, ∇ loss, loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or
@@ -594,7 +676,7 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         for r in range(repeats):
             interrupt()
             step.where = {"step": i, "repeat": r, "sigma": sigma}
-            x0 = step.guided(x, s_in, progress) if guided else step.plain(x, s_in)
+            x0 = step.guided(x, s_in, progress, sigma_next) if guided else step.plain(x, s_in)
             x_next = parameterization.step(x, x0, sigma, sigma_next)
             if r < repeats - 1:
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")

@@ -14,7 +14,10 @@ the cached model. The patch
   reshaped to the block's H×W.
 
 The maps of every captured block are resized to the largest captured resolution. Ψ (for appearance) is the output
-of one decoder block, read with a forward hook that is removed after the call.
+of one decoder block, read with a forward hook that is removed after the call. Maps and Ψ come from the conditional
+rows only, also when ComfyUI runs cond and uncond as separate UNet calls within one denoiser call (the CFG-branch
+option always does; ComfyUI does when memory is short): each UNet call's batch layout is read as the call starts,
+and a call without conditional rows records nothing.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ class AttentionCapture:
         self.unet, self.layers, self.context_length = unet, layers, context_length
         self.features = features
         self.maps, self.feats = {}, None
-        self._cond_layout = None
+        self._call_layout = None  # (rows, cond_or_uncond) of the UNet call running now
         self._stock = _stock_attention()
 
     # ------------------------------------------------------------------------------------------ patching
@@ -143,16 +146,17 @@ class AttentionCapture:
 
     @contextlib.contextmanager
     def hooks(self):
-        """The forward hook for Ψ (output of the second-to-last decoder block), removed on exit."""
-        handle = None
-        if self.features:
-            # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the block's own
-            # forward: the block's output is its last layer's
-            handle = self.unet.output_blocks[-2][-1].register_forward_hook(self._record_feats)
+        """The hooks, removed on exit: each UNet call's batch layout (a pre-hook on the UNet) and Ψ (output of the
+        second-to-last decoder block)."""
+        handles = [self.unet.register_forward_pre_hook(self._start_call, with_kwargs=True)]
         try:
+            if self.features:
+                # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the block's own
+                # forward: the block's output is its last layer's
+                handles.append(self.unet.output_blocks[-2][-1].register_forward_hook(self._record_feats))
             yield self
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
 
     # ------------------------------------------------------------------------------------------ recording
@@ -162,11 +166,19 @@ class AttentionCapture:
         size = total // len(chunks)
         return [slice(i * size, (i + 1) * size) for i, c in enumerate(chunks) if c == COND]
 
+    def _start_call(self, module, args, kwargs):
+        """A UNet call starts: its rows and chunks (``transformer_options["cond_or_uncond"]``)."""
+        x = args[0] if args else kwargs.get("x")
+        options = kwargs.get("transformer_options") or (args[5] if len(args) > 5 else None) or {}
+        chunks = list(options.get("cond_or_uncond") or [COND]) if isinstance(options, dict) else [COND]
+        self._call_layout = (int(x.shape[0]), chunks) if isinstance(x, torch.Tensor) else None
+
     def _record(self, name, q, k, extra_options):
-        rows = self._cond_rows(q.shape[0], extra_options.get("cond_or_uncond"))
+        chunks = list(extra_options.get("cond_or_uncond") or [COND])
+        self._call_layout = (q.shape[0], chunks)
+        rows = self._cond_rows(q.shape[0], chunks)
         if not rows:  # an unconditional-only call (cond and uncond run separately): nothing to record
             return
-        self._cond_layout = (q.shape[0], list(extra_options.get("cond_or_uncond") or [COND]))
         heads = extra_options["n_heads"]
         d = q.shape[-1] // heads
         qc = torch.stack([q[r] for r in rows]).float()             # [n, B, HW, heads·d]
@@ -186,12 +198,14 @@ class AttentionCapture:
         self.maps[name] = probs.view(b, h, w, T)
 
     def _record_feats(self, module, inputs, output):
-        if self._cond_layout is None:
+        if self._call_layout is None:
             return
-        total, chunks = self._cond_layout
+        total, chunks = self._call_layout
         if output.shape[0] != total:
             return
         rows = self._cond_rows(total, chunks)
+        if not rows:  # the unconditional call: Ψ stays the conditional call's
+            return
         self.feats = torch.stack([output[r] for r in rows]).float().mean(dim=0)
 
     def internals(self) -> Internals:

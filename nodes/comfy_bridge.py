@@ -589,6 +589,8 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
             lines = [stats.summary(time.perf_counter() - started), weights.summary()]
             lines += run_guidance.reports()
             lines += stats.notes(settings)
+            if not stats.bound_acted and stats.bound_checked:  # (a bound that acted is among the notes)
+                lines.append(stats.bound_line(settings))
             lines += branch.notes() if branch is not None else []
             for line in lines:
                 log.info("Universal Guidance: %s", line)
@@ -625,15 +627,28 @@ def _console_bar(total: int, disable):
     return tqdm(total=total, desc="Universal Guidance", unit="it", leave=False)
 
 
+class _WithSampling:
+    """A stand-in model for the older ComfyUI's ``calculate_sigmas_scheduler``: the patched ``model_sampling``."""
+
+    def __init__(self, model_sampling):
+        self.model_sampling = model_sampling
+
+
 def sigmas_for(model_patcher, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     """The scheduler's sigmas for ``steps`` steps at ``denoise`` strength, as the stock KSampler computes them."""
     total_steps = steps if denoise >= 0.9999 else int(steps / denoise)
-    model_sampling = model_patcher.get_model_object("model_sampling") \
-        if hasattr(model_patcher, "get_model_object") else model_patcher.model.model_sampling
+    if hasattr(model_patcher, "get_model_object"):
+        model_sampling = model_patcher.get_model_object("model_sampling")
+    else:  # older ComfyUI: a ModelSampling* node's patch (zsnr, v-prediction, …) is applied only at load time
+        model_sampling = getattr(model_patcher, "object_patches", {}).get("model_sampling",
+                                                                          model_patcher.model.model_sampling)
     if hasattr(comfy.samplers, "calculate_sigmas"):
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, total_steps)
-    else:
-        sigmas = comfy.samplers.calculate_sigmas_scheduler(model_patcher.model, scheduler, total_steps)
+    else:  # its schedulers read ``model.model_sampling`` only
+        model = model_patcher.model
+        if model_sampling is not model.model_sampling:
+            model = _WithSampling(model_sampling)
+        sigmas = comfy.samplers.calculate_sigmas_scheduler(model, scheduler, total_steps)
     return sigmas[-(steps + 1):].cpu()
 
 

@@ -543,7 +543,7 @@ def test_strength_schedules(window):
 def test_paper_strength_unit(kind):
     """Paper mode, linear everything: D - D' = s0 · b²/a · ∇ₓ loss, checked against an independent gradient."""
     s0 = 300.0
-    sig, steps = _shifts(kind, Settings(forward_strength=s0))
+    sig, steps = _shifts(kind, Settings(forward_strength=s0, step_bound=0.0, x0_bound=0.0))  # the rule, unbounded
     den = TinyDenoiser(kind, nl=0.0)
     dec = TinyDecoder(linear=True)
     w = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
@@ -568,7 +568,7 @@ def test_normalized_strength(kind):
     first = 0 if kind == "ve" else 1
     for s0 in (0.05, 0.2):
         sig, steps = _shifts(kind, Settings(forward_strength=s0, strength_mode="normalized",
-                                            start_percent=first / N_STEPS))
+                                            start_percent=first / N_STEPS, step_bound=0.0, x0_bound=0.0))
         checked = 0
         for i, (x, plain, guided) in enumerate(steps):
             s = float(sig[i])

@@ -145,7 +145,8 @@ def test_pure_internal_guidance_runs_no_decoder_and_moves_the_centroid():
     target = torch.tensor([0.15, 0.5])
     stats = Stats()
     guided, den = run(term(sg.MoveLoss([1], target=(0.15, 0.5)), 1.0),
-                      Settings(forward_strength=3.0, strength_mode="normalized"), decode=decode, stats=stats)
+                      Settings(forward_strength=3.0, strength_mode="normalized", step_bound=0.0, x0_bound=0.0),
+                      decode=decode, stats=stats)  # (the toy's steps are far past the schedule-safe bound)
     plain, _ = run(None, Settings(forward_strength=0.0))
     assert decodes == [] and stats.decoder_calls == 0
     # one denoiser call per iteration, with a capture request on every guided call, under autograd
