@@ -134,15 +134,24 @@ def scaled_shape(a: torch.Tensor, factor: float) -> torch.Tensor:
     return out.reshape(b, k, h, w).permute(0, 2, 3, 1)
 
 
-def hard_mask(a: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``[B, H, W, K]`` 0/1 mask (soft threshold > ``threshold``), detached: it selects, it is not optimised."""
-    return (soft_threshold(a.detach()) > threshold).float()
+def hard_mask(a: torch.Tensor, threshold: float = 0.5, core: float = 0.0) -> torch.Tensor:
+    """``[B, H, W, K]`` 0/1 mask (soft threshold > ``threshold``), detached: it selects, it is not optimised.
+    ``core`` > 0: only the ``core`` fraction of the mask's pixels where the map is highest (at least one)."""
+    soft = soft_threshold(a.detach())
+    mask = (soft > threshold).float()
+    if core > 0:
+        b, h, w, k = soft.shape
+        flat = soft.permute(0, 3, 1, 2).reshape(b, k, h * w)
+        n = (mask.permute(0, 3, 1, 2).reshape(b, k, h * w).sum(-1) * core).ceil().clamp_min(1).long()
+        kth = flat.sort(dim=-1, descending=True).values.gather(-1, (n - 1).unsqueeze(-1))   # [B, K, 1]
+        mask = mask * (soft >= kth.view(b, 1, 1, k)).float()
+    return mask
 
 
-def appearance(a: torch.Tensor, feats: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``[B, K, C]``: Ψ averaged under each token's hard mask (soft threshold > ``threshold``, resized to Ψ's
-    resolution)."""
-    mask = hard_mask(a, threshold).permute(0, 3, 1, 2)              # [B, K, H, W]
+def appearance(a: torch.Tensor, feats: torch.Tensor, threshold: float = 0.5, core: float = 0.0) -> torch.Tensor:
+    """``[B, K, C]``: Ψ averaged under each token's hard mask (soft threshold > ``threshold``; with ``core``, its
+    highest ``core`` fraction), resized to Ψ's resolution."""
+    mask = hard_mask(a, threshold, core).permute(0, 3, 1, 2)        # [B, K, H, W]
     if mask.shape[-2:] != feats.shape[-2:]:
         mask = F.interpolate(mask, size=feats.shape[-2:], mode="nearest")
     feats = feats.float()
@@ -338,18 +347,20 @@ class AppearanceLoss(InternalLoss):
     needs_features = True
 
     def __init__(self, tokens, layers=None, *, reference=ORIGINAL, reference_tokens=None, mask_threshold=0.5,
-                 label=""):
+                 core=0.0, label=""):
         if reference == ABSOLUTE:
             raise ValueError("an appearance edit needs a reference: 'original' or a latent")
         if not 0.0 <= mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
         super().__init__(tokens, layers, reference, label)
         self.reference_tokens = list(reference_tokens) if reference_tokens else self.tokens
-        self.mask_threshold = float(mask_threshold)
+        if not 0.0 <= core <= 1.0:
+            raise ValueError(f"core must be in [0, 1], got {core}")
+        self.mask_threshold, self.core = float(mask_threshold), float(core)
 
     def _pooled_reference(self, refs: list, feats: torch.Tensor) -> torch.Tensor:
         """``[B, 1, C]``: the reference's appearance under its own mask, pooled over its chosen layers and tokens."""
-        apps = torch.stack([appearance(r, feats, self.mask_threshold) for r in refs])   # [L, B, K, C]
+        apps = torch.stack([appearance(r, feats, self.mask_threshold, self.core) for r in refs])  # [L, B, K, C]
         w = compact_layers(refs) if self.layers == AUTO else apps.new_ones(apps.shape[:3])
         w = w.unsqueeze(-1)
         return ((w * apps).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)).unsqueeze(1)
@@ -364,8 +375,9 @@ class AppearanceLoss(InternalLoss):
             else None
         values = []
         for a, r in zip(maps, refs):
-            app = appearance(a, internals.feats, self.mask_threshold)         # [B, K, C]
-            app_ref = pooled if pooled is not None else appearance(r, ref.feats.detach(), self.mask_threshold)
+            app = appearance(a, internals.feats, self.mask_threshold, self.core)     # [B, K, C]
+            app_ref = pooled if pooled is not None else \
+                appearance(r, ref.feats.detach(), self.mask_threshold, self.core)
             if app_ref.shape[1] != app.shape[1]:
                 app_ref = app_ref.mean(dim=1, keepdim=True)
             values.append((app - app_ref.detach()).abs().mean(dim=2))

@@ -66,6 +66,7 @@ WORDS = ("colour", "shape")
 # so the move + keep row uses keep terms at half the move's weight.
 PAPER_KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 3.0, "other_shape": 2.5, "other_appearance": 3.0}
 KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 0.5, "other_shape": 0.5, "other_appearance": 0.5}
+BOUND_STATS = ("bound_checked", "bound_acted", "bound_x0_acted")   # the sampler's schedule-safe bound, counted
 MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet()}
 DECODERS = {"shipped": DECODER, "cosine": models2.DECODER}
 
@@ -148,7 +149,7 @@ def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
         # has the object's shape, not its colour), so its appearance is taken under the shape word's map.
         terms += word_terms(sg.AppearanceLoss, "appearance", pos[0], edit.layers, oracle, 1.0, edit.words,
                             reference=ref, reference_tokens=[pos[0]["shape"]],
-                            mask_threshold=w.get("mask_threshold", 0.5))
+                            mask_threshold=w.get("mask_threshold", 0.5), core=w.get("core", 0.0))
     if edit.kind == "appearance_keep":   # the paper's transfer: appearance from the reference, layout kept
         keep_words = ("shape",) if w.get("keep_words", 1.0) == 1.0 else WORDS
         terms += word_terms(sg.KeepShapeLoss, "keep_shape", pos[0], edit.layers, oracle,
@@ -195,10 +196,12 @@ def run_edit(model, edit: Edit, scenes, noise, seed: int, ctx: dict, steps: int,
         images[idx] = sample_rows(model, [data.caption(scenes[i]) for i in idx], noise[idx], seed, steps, cfg,
                                   guidance=g, settings=edit.settings(end), stats=stats)
         for k in ("steps", "iterations", "denoiser_calls", "denoiser_grad_calls", "reference_calls",
-                  "decoder_calls", "capped_updates", "nonfinite_skips"):
-            setattr(total, k, getattr(total, k) + getattr(stats, k))
-    return images, {k: getattr(total, k) for k in ("denoiser_calls", "denoiser_grad_calls", "reference_calls",
-                                                   "decoder_calls", "capped_updates", "nonfinite_skips")}
+                  "decoder_calls", "capped_updates", "nonfinite_skips") + BOUND_STATS:
+            setattr(total, k, getattr(total, k, 0) + getattr(stats, k, 0))
+        total.bound_min_scale = min(getattr(total, "bound_min_scale", 1.0), getattr(stats, "bound_min_scale", 1.0))
+    return images, {k: getattr(total, k, 0) for k in ("denoiser_calls", "denoiser_grad_calls", "reference_calls",
+                                                      "decoder_calls", "capped_updates", "nonfinite_skips")
+                    + BOUND_STATS + ("bound_min_scale",)}
 
 
 def run_unguided(model, scenes, noise, seed: int, steps: int, cfg: float, window_steps: list):
@@ -541,6 +544,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--end", type=float, default=0.6, help="guidance window 0 – end (fraction of the steps)")
     ap.add_argument("--strength", type=float, default=0.1, help="normalized strength of the headline rows")
     ap.add_argument("--resize-factor", type=float, default=2.0)
+    ap.add_argument("--resize-strength", type=float, default=1.0,
+                    help="normalized strength of the Resize rows (the shape target needs more than Move's 0.1: at "
+                         "0.1 and 0.3 the object grows 1.0x and 1.2x)")
+    ap.add_argument("--resize-sweep", default="0.3,0.5", help="Resize strengths of its trade-off (sweep seeds)")
     ap.add_argument("--appearance-strength", type=float, default=1.0,
                     help="normalized strength of the appearance-transfer row (0.3 leaves the colour mixed)")
     ap.add_argument("--sweep", default="0.03,0.05,0.1,0.2,0.4", help="normalized strengths of Move's sweep")
@@ -571,12 +578,17 @@ def main(argv=None) -> dict:
     n_guided = sum(1 for i in range(args.steps) if i / args.steps < args.end)
     window = list(range(n_guided))
     s = args.strength
-    headline = [Edit("move", "move", s), Edit("resize", "resize", s, factor=args.resize_factor),
+    rs = args.resize_strength
+    headline = [Edit("move", "move", s), Edit("resize", "resize", rs, factor=args.resize_factor),
                 Edit("appearance", "appearance", args.appearance_strength), Edit("move_keep", "move_keep", s),
                 Edit("move_keep_paper", "move_keep", s, weights=tuple(PAPER_KEEP_WEIGHTS.items()))]
     layer_rows = [Edit("move_oracle", "move", s, layers="oracle"), Edit("move_decoder", "move", s, layers="decoder")]
     sweep = [Edit(f"sweep_normalized_{v:g}", "move", v) for v in _floats(args.sweep) if v != s] + \
-            [Edit(f"sweep_paper_{v:g}", "move", v, mode="paper") for v in _floats(args.paper_sweep)]
+            [Edit(f"sweep_paper_{v:g}", "move", v, mode="paper") for v in _floats(args.paper_sweep)] + \
+            [Edit("resize_size_only", "resize", rs, factor=args.resize_factor,
+                  weights=(("shape_weight", 0.0), ("size_weight", 1.0)))] + \
+            [Edit(f"resize_{v:g}", "resize", v, factor=args.resize_factor) for v in _floats(args.resize_sweep)
+             if v != rs]
     plan = [(e, seeds) for e in headline] + [(e, layer_seeds) for e in layer_rows] + [(e, sweep_seeds) for e in sweep]
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -587,7 +599,8 @@ def main(argv=None) -> dict:
 
     per_edit = {e.name: [] for e, _ in plan}
     costs = {e.name: {"seconds": 0.0, "cpu_seconds": 0.0, "denoiser_calls": 0, "denoiser_grad_calls": 0,
-                      "reference_calls": 0, "decoder_calls": 0, "capped_updates": 0, "nonfinite_skips": 0}
+                      "reference_calls": 0, "decoder_calls": 0, "capped_updates": 0, "nonfinite_skips": 0,
+                      **{k: 0 for k in BOUND_STATS}, "bound_min_scale": 1.0}
              for e, _ in plan}
     layer_records, unguided_quality, pictures = [], [], {}
     refs = reference_scenes(scenes, SCENE_SEED + 1)
@@ -621,7 +634,7 @@ def main(argv=None) -> dict:
             c["seconds"] += time.time() - ts
             c["cpu_seconds"] += time.process_time() - tc
             for k, v in stats.items():
-                c[k] += v
+                c[k] = min(c[k], v) if k == "bound_min_scale" else c[k] + v
             if seed == seeds[0] and edit.name in ("move", "resize", "appearance", "move_keep"):
                 pictures[edit.name] = images
             quick = summarise(rows, edit)
@@ -672,7 +685,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "config": {"scenes": args.scenes, "scene_seed": SCENE_SEED, "seeds": seeds, "steps": args.steps,
                    "cfg": args.cfg, "window": [0.0, args.end], "guided_steps": n_guided, "strength": s,
-                   "strength_mode": "normalized", "resize_factor": args.resize_factor,
+                   "strength_mode": "normalized", "resize_factor": args.resize_factor, "resize_strength": args.resize_strength,
                    "appearance_strength": args.appearance_strength, "keep_weights": KEEP_WEIGHTS,
                    "paper_keep_weights": PAPER_KEEP_WEIGHTS, "targets": TARGETS,
                    "other_clearance": OTHER_CLEARANCE, "sweep_seeds": sweep_seeds, "quick": args.quick},
