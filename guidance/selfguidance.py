@@ -316,7 +316,8 @@ class ResizeLoss(InternalLoss):
 
 
 class KeepShapeLoss(InternalLoss):
-    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels."""
+    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels. With ``"auto"``
+    layers the layers are chosen on the reference's maps (where the object is tracked there)."""
 
     def __init__(self, tokens, layers=None, *, reference=ORIGINAL, label=""):
         if reference == ABSOLUTE:
