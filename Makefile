@@ -129,6 +129,7 @@ bench-memory: venv
 BENCH_SG_ARGS ?=
 bench-selfguidance: venv
 	$(PY) -m benchmarks.shapes.selfguidance --out out/bench $(BENCH_SG_ARGS)
+	$(PY) -m benchmarks.shapes.selfguidance --out out/bench --model cosine $(BENCH_SG_ARGS)
 
 bench: bench-quality bench-speed bench-selfguidance
 

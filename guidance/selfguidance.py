@@ -117,14 +117,41 @@ def shape(a: torch.Tensor) -> torch.Tensor:
     return soft_threshold(a)
 
 
-def hard_mask(a: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W, K]`` 0/1 mask (soft threshold > 0.5), detached: it selects, it is not optimised."""
-    return (soft_threshold(a.detach()) > 0.5).float()
+def scaled_shape(a: torch.Tensor, factor: float) -> torch.Tensor:
+    """``[B, H, W, K]``: the soft-thresholded map with its area scaled by ``factor`` (its extent by √factor) about
+    its own centroid (the soft shape's weighted mean position); bilinear, zeros outside the image."""
+    m = shape(a)
+    b, h, w, k = m.shape
+    c = centroid(m, normalized=False)                                # [B, K, 2]
+    xs, ys = _grid(h, w, a.device)
+    scale = float(factor) ** 0.5
+    cx, cy = c[..., 0].view(b, 1, 1, k), c[..., 1].view(b, 1, 1, k)
+    sx = (cx + (xs.view(1, 1, w, 1) - cx) / scale).expand(b, h, w, k)  # where each output pixel reads from
+    sy = (cy + (ys.view(1, h, 1, 1) - cy) / scale).expand(b, h, w, k)
+    grid = torch.stack([2 * sx - 1, 2 * sy - 1], dim=-1).permute(0, 3, 1, 2, 4).reshape(b * k, h, w, 2)
+    src = m.permute(0, 3, 1, 2).reshape(b * k, 1, h, w)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(b, k, h, w).permute(0, 2, 3, 1)
 
 
-def appearance(a: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """``[B, K, C]``: Ψ averaged under each token's hard mask (resized to Ψ's resolution)."""
-    mask = hard_mask(a).permute(0, 3, 1, 2)                         # [B, K, H, W]
+def hard_mask(a: torch.Tensor, threshold: float = 0.5, core: float = 0.0) -> torch.Tensor:
+    """``[B, H, W, K]`` 0/1 mask (soft threshold > ``threshold``), detached: it selects, it is not optimised.
+    ``core`` > 0: only the ``core`` fraction of the mask's pixels where the map is highest (at least one)."""
+    soft = soft_threshold(a.detach())
+    mask = (soft > threshold).float()
+    if core > 0:
+        b, h, w, k = soft.shape
+        flat = soft.permute(0, 3, 1, 2).reshape(b, k, h * w)
+        n = (mask.permute(0, 3, 1, 2).reshape(b, k, h * w).sum(-1) * core).ceil().clamp_min(1).long()
+        kth = flat.sort(dim=-1, descending=True).values.gather(-1, (n - 1).unsqueeze(-1))   # [B, K, 1]
+        mask = mask * (soft >= kth.view(b, 1, 1, k)).float()
+    return mask
+
+
+def appearance(a: torch.Tensor, feats: torch.Tensor, threshold: float = 0.5, core: float = 0.0) -> torch.Tensor:
+    """``[B, K, C]``: Ψ averaged under each token's hard mask (soft threshold > ``threshold``; with ``core``, its
+    highest ``core`` fraction), resized to Ψ's resolution."""
+    mask = hard_mask(a, threshold, core).permute(0, 3, 1, 2)        # [B, K, H, W]
     if mask.shape[-2:] != feats.shape[-2:]:
         mask = F.interpolate(mask, size=feats.shape[-2:], mode="nearest")
     feats = feats.float()
@@ -214,10 +241,14 @@ class InternalLoss:
             return "an inverted image"
         return "a reference latent" if isinstance(self.reference, torch.Tensor) else str(self.reference)
 
-    def combine(self, values: list, maps: list) -> torch.Tensor:
-        """``[B]``: the mean of the per-layer ``[B, K]`` values over the layers (and tokens) that count."""
+    def combine(self, values: list, maps: list, choose_on: Optional[list] = None) -> torch.Tensor:
+        """``[B]``: the mean of the per-layer ``[B, K]`` values over the layers (and tokens) that count. With
+        ``"auto"`` layers the choice is made on ``choose_on`` (the reference's maps, for an edit measured against
+        the reference: the layers that track the object there, not whichever maps the edit itself makes compact),
+        else on ``maps``."""
         v = torch.stack([x.float() for x in values])                         # [L, B, K]
-        w = compact_layers(maps) if self.layers == AUTO else torch.ones_like(v)
+        w = compact_layers(choose_on if choose_on is not None else maps) if self.layers == AUTO \
+            else torch.ones_like(v)
         return (w * v).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)
 
     def __call__(self, internals: Internals, reference: Optional[Internals] = None) -> torch.Tensor:
@@ -250,30 +281,47 @@ class MoveLoss(InternalLoss):
 
 
 class ResizeLoss(InternalLoss):
-    """Scale the token's size by ``factor`` relative to the reference (``'original'`` by default), or reach an
-    absolute ``target`` size (fraction of the image). L1 of the soft size."""
+    """Scale the token's area by ``factor`` relative to the reference (``'original'`` by default), or reach an
+    absolute ``target`` size (fraction of the image).
 
-    def __init__(self, tokens, layers=None, *, factor=None, target=None, reference=ORIGINAL, label=""):
+    Against a reference the loss is the L1 between the token's soft shape and the reference's soft shape scaled by
+    √factor about its centroid (``scaled_shape``), plus ``size_weight`` × the L1 of the soft size against
+    factor × the reference's. The shape target says *where* the added area goes: around the object, and nowhere
+    else. (A soft size alone can be raised by flattening the map's peak and lifting secondary bumps — the
+    threshold's gradient sits on pixels at half the map's range wherever they are — which draws second copies of
+    the object instead of a larger one.) With ``"auto"`` layers the layers are chosen on the reference's maps.
+    ``size_weight`` alone (``shape_weight=0``) is the paper's size term."""
+
+    def __init__(self, tokens, layers=None, *, factor=None, target=None, reference=ORIGINAL, shape_weight=1.0,
+                 size_weight=1.0, label=""):
         if (factor is None) == (target is None):
             raise ValueError("give exactly one of factor or target")
         if factor is not None and not factor > 0:
             raise ValueError(f"factor must be > 0, got {factor}")
+        if shape_weight < 0 or size_weight < 0 or shape_weight + size_weight <= 0:
+            raise ValueError(f"shape_weight and size_weight must be >= 0, not both 0; got {shape_weight}, "
+                             f"{size_weight}")
         super().__init__(tokens, layers, reference if factor is not None else ABSOLUTE, label)
         self.factor, self.target = factor, target
+        self.shape_weight, self.size_weight = float(shape_weight), float(size_weight)
 
     def __call__(self, internals, reference=None):
         maps = self._maps(internals)
-        refs = self._maps(self._reference(reference)) if self.factor is not None else [None] * len(maps)
+        if self.factor is None:
+            return self.combine([(size(a) - float(self.target)).abs() for a in maps], maps)
+        refs = [r.detach() for r in self._maps(self._reference(reference))]
         values = []
         for a, r in zip(maps, refs):
-            s = size(a)                                                      # [B, K]
-            goal = size(r.detach()) * self.factor if r is not None else torch.full_like(s, float(self.target))
-            values.append((s - goal).abs())
-        return self.combine(values, maps)
+            v = self.size_weight * (size(a) - size(r) * self.factor).abs()        # [B, K]
+            if self.shape_weight:
+                v = v + self.shape_weight * (shape(a) - scaled_shape(r, self.factor)).abs().mean(dim=(1, 2))
+            values.append(v)
+        return self.combine(values, maps, choose_on=refs)
 
 
 class KeepShapeLoss(InternalLoss):
-    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels."""
+    """Keep the token's shape (soft-thresholded map) as in the reference. L1, mean over pixels. With ``"auto"``
+    layers the layers are chosen on the reference's maps (where the object is tracked there)."""
 
     def __init__(self, tokens, layers=None, *, reference=ORIGINAL, label=""):
         if reference == ABSOLUTE:
@@ -281,35 +329,60 @@ class KeepShapeLoss(InternalLoss):
         super().__init__(tokens, layers, reference, label)
 
     def __call__(self, internals, reference=None):
-        maps, refs = self._maps(internals), self._maps(self._reference(reference))
-        return self.combine([(shape(a) - shape(r.detach())).abs().mean(dim=(1, 2)) for a, r in zip(maps, refs)],
-                            maps)
+        maps = self._maps(internals)
+        refs = [r.detach() for r in self._maps(self._reference(reference))]
+        return self.combine([(shape(a) - shape(r)).abs().mean(dim=(1, 2)) for a, r in zip(maps, refs)], maps,
+                            choose_on=refs)
 
 
 class AppearanceLoss(InternalLoss):
     """Keep (``reference='original'``) or take (a reference latent) the token's appearance: L1 between Ψ averaged
     under the token's mask here and in the reference. ``reference_tokens``: the token positions in the reference's
     own prompt (default: the same positions; with a different number of tokens the reference's appearance is
-    their mean)."""
+    their mean).
+
+    Against the unguided run (keep) each layer and token is compared with the same layer and token there. From a
+    reference latent (transfer) the reference is another image: its appearance is read under *its own* object
+    mask — with ``"auto"`` layers, from the layers where the reference's map of ``reference_tokens`` is most
+    compact (``compact_layers`` on the reference's maps), pooled over those layers and tokens into one vector per
+    image — and every layer and token of the edited object is compared with that vector. (Comparing layer by
+    layer there would read the reference under a map that need not sit on its object, e.g. a colour word whose
+    colour the reference does not have, and pull the object towards the background's appearance.)"""
 
     needs_features = True
 
-    def __init__(self, tokens, layers=None, *, reference=ORIGINAL, reference_tokens=None, label=""):
+    def __init__(self, tokens, layers=None, *, reference=ORIGINAL, reference_tokens=None, mask_threshold=0.5,
+                 core=0.0, label=""):
         if reference == ABSOLUTE:
             raise ValueError("an appearance edit needs a reference: 'original' or a latent")
+        if not 0.0 <= mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
         super().__init__(tokens, layers, reference, label)
         self.reference_tokens = list(reference_tokens) if reference_tokens else self.tokens
+        if not 0.0 <= core <= 1.0:
+            raise ValueError(f"core must be in [0, 1], got {core}")
+        self.mask_threshold, self.core = float(mask_threshold), float(core)
+
+    def _pooled_reference(self, refs: list, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, C]``: the reference's appearance under its own mask, pooled over its chosen layers and tokens."""
+        apps = torch.stack([appearance(r, feats, self.mask_threshold, self.core) for r in refs])  # [L, B, K, C]
+        w = compact_layers(refs) if self.layers == AUTO else apps.new_ones(apps.shape[:3])
+        w = w.unsqueeze(-1)
+        return ((w * apps).sum(dim=(0, 2)) / w.sum(dim=(0, 2)).clamp_min(1.0)).unsqueeze(1)
 
     def __call__(self, internals, reference=None):
         ref = self._reference(reference)
         if internals.feats is None or ref.feats is None:
             raise ValueError("appearance needs the captured activations (feats)")
         maps = self._maps(internals)
-        refs = self._maps(ref, self.reference_tokens)
+        refs = [r.detach() for r in self._maps(ref, self.reference_tokens)]
+        pooled = self._pooled_reference(refs, ref.feats.detach()) if isinstance(self.reference, torch.Tensor) \
+            else None
         values = []
         for a, r in zip(maps, refs):
-            app = appearance(a, internals.feats)                              # [B, K, C]
-            app_ref = appearance(r, ref.feats.detach())
+            app = appearance(a, internals.feats, self.mask_threshold, self.core)     # [B, K, C]
+            app_ref = pooled if pooled is not None else \
+                appearance(r, ref.feats.detach(), self.mask_threshold, self.core)
             if app_ref.shape[1] != app.shape[1]:
                 app_ref = app_ref.mean(dim=1, keepdim=True)
             values.append((app - app_ref.detach()).abs().mean(dim=2))

@@ -243,3 +243,59 @@ def test_auto_layers_count_the_most_compact_map_per_token():
     torch.testing.assert_close(auto, only)
     assert not torch.allclose(sg.MoveLoss([0, 1], target=target)(internals), only)
     assert sg.MoveLoss([0], layers="auto", target=target).request.layers is None  # every layer is captured
+
+
+# ------------------------------------------------------------------------------------ resize and appearance
+
+def test_scaled_shape_scales_the_area_about_the_centroid():
+    a = disk(32, 32, 0.35, 0.6, 0.12) * 0.6 + 0.2
+    for factor in (2.0, 0.5):
+        s0, s = sg.shape(a), sg.scaled_shape(a, factor)
+        assert float(s.mean() / s0.mean()) == pytest.approx(factor, rel=0.12)
+        torch.testing.assert_close(sg.centroid(s, False), sg.centroid(s0, False), atol=0.01, rtol=0)
+
+
+def test_resize_prefers_one_larger_object_to_a_second_copy():
+    """The reference has one blob. Twice its area as one larger blob in place, or as the same blob plus a second
+    copy elsewhere, both double the soft size; the resize loss must rate the larger blob far better (a soft size
+    alone rates them alike, and is what drew second copies)."""
+    ref = sg.Internals({"l": disk(32, 32, 0.35, 0.4, 0.12)})
+    larger = sg.Internals({"l": disk(32, 32, 0.35, 0.4, 0.12 * math.sqrt(2))})
+    copies = sg.Internals({"l": torch.maximum(disk(32, 32, 0.35, 0.4, 0.12), disk(32, 32, 0.75, 0.7, 0.12))})
+    for edited in (larger, copies):   # both double the soft size
+        assert float(sg.size(edited.maps["l"]) / sg.size(ref.maps["l"])) == pytest.approx(2.0, rel=0.1)
+    loss = sg.ResizeLoss([0], factor=2.0)
+    assert float(loss(copies, ref)) > 3 * float(loss(larger, ref))
+    size_only = sg.ResizeLoss([0], factor=2.0, shape_weight=0.0)
+    assert float(size_only(copies, ref)) < 0.02   # the paper's size term cannot tell them apart
+
+
+def test_resize_and_keep_shape_choose_auto_layers_on_the_reference():
+    """Layer x tracks the object in the reference (compact there) but the edited map has spread on it; layer y is
+    the reverse. With "auto" the edit is measured on the layer chosen on the reference's maps (x), not on whichever
+    layer the edit made compact."""
+    obj, wide = disk(16, 16, 0.4, 0.4, 0.15), blob(16, 16, 0.5, 0.5, 0.6)
+    ref = sg.Internals({"x": obj, "y": wide})
+    edited = sg.Internals({"x": wide, "y": disk(16, 16, 0.4, 0.4, 0.2)})
+    for loss in (sg.ResizeLoss([0], layers="auto", factor=1.5), sg.KeepShapeLoss([0], layers="auto")):
+        only_x = loss.bound(layers=["x"])(edited, ref)
+        torch.testing.assert_close(loss(edited, ref), only_x)
+        assert not torch.allclose(loss.bound(layers=["y"])(edited, ref), only_x)
+
+
+def test_appearance_transfer_reads_the_reference_under_its_own_mask():
+    """Reference latent: its object is tracked by layer x; on layer y the word's map sits on the background. The
+    edited object already has the reference's appearance (features 1 on the object, 0 elsewhere, on both layers'
+    masks), so the transfer loss is zero: the reference is read under its own most compact map. Comparing layer
+    by layer would read the reference's background on y and pull the object towards it."""
+    obj = disk(16, 16, 0.3, 0.3, 0.15)
+    ref_feats = obj.permute(0, 3, 1, 2).repeat(1, 4, 1, 1)             # [1, 4, 16, 16]: 1 on the object
+    ref = sg.Internals({"x": obj * 0.8 + 0.1, "y": (1 - obj) * 0.5 + 0.2}, ref_feats)
+    here = disk(16, 16, 0.7, 0.6, 0.15)
+    edited = sg.Internals({"x": here * 0.8 + 0.1, "y": here * 0.8 + 0.1}, here.permute(0, 3, 1, 2).repeat(1, 4, 1, 1))
+    latent = torch.zeros(1, 4, 16, 16)
+    transfer = sg.AppearanceLoss([0], layers="auto", reference=latent)
+    assert float(transfer(edited, ref)) < 1e-6
+    assert float(sg.AppearanceLoss([0], layers="auto", reference=sg.ORIGINAL)(edited, ref)) > 0.4   # layer by layer
+    with pytest.raises(ValueError, match="mask_threshold"):
+        sg.AppearanceLoss([0], reference=latent, mask_threshold=1.0)

@@ -68,3 +68,51 @@ def test_move_on_the_shapes_model_gets_nearer_the_target_without_a_decoder(shipp
     summary = bench.summarise(rows, edit)
     assert summary["error_reduction"] > 2.0, summary
     assert summary["colour_kept"] >= 5 / 6, summary
+
+
+def test_second_model_captures_like_the_first_and_its_v_output_becomes_x0():
+    """The cosine/v model has the capture interface of the shipped one (maps of its own layers, Ψ), and the
+    adapter turns its v-prediction into x̂0 on its own schedule (σ up to 316): exact for a stand-in that predicts
+    the true v."""
+    from benchmarks.shapes import models2
+
+    torch.manual_seed(0)
+    net = models2.ShapesUNetV().eval()
+    tokens = data.tokens(["red circle", "blue square left of green triangle"])
+    denoise = adapter.make_denoiser(net, tokens, data.tokens([""]), 3.0)
+    sigma = torch.tensor([1.0, 200.0])
+    x = torch.randn(2, 3, 32, 32) * sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        plain = denoise(x, sigma)
+        x0, every = denoise(x, sigma, capture=sg.CaptureRequest(None, True))
+    assert torch.equal(plain, x0)
+    assert list(every.maps) == list(models2.LAYERS) and every.feats.shape == (2, 64, 16, 16)
+    for m in every.maps.values():   # resized to the largest layer (32×32), rows of a softmax over the 8 tokens
+        assert m.shape == (2, 32, 32, data.MAX_TOKENS)
+        assert torch.allclose(m.sum(-1), torch.ones(2, 32, 32), atol=1e-4)
+    assert float(adapter.schedule_of(net).ddim_sigmas(50)[0]) == pytest.approx(models2.SIGMA_MAX, rel=1e-3)
+
+    clean = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32)
+    a = (1 / (1 + sigma ** 2).sqrt()).view(-1, 1, 1, 1)
+    v = a * noise - a * sigma.view(-1, 1, 1, 1) * clean
+
+    class TrueV(torch.nn.Module):
+        prediction, schedule, LAYERS = "v", models2.COSINE, models2.LAYERS
+
+        def forward(self, z, t, tok):
+            return v
+
+    exact = adapter.make_denoiser(TrueV(), tokens, data.tokens([""]), 1.0)
+    torch.testing.assert_close(exact(clean + sigma.view(-1, 1, 1, 1) * noise, sigma), clean, atol=1e-4, rtol=0)
+
+
+def test_largest_blob_area_is_measured_apart_from_second_copies():
+    """A second copy of an object adds to the colour's area but not to its largest blob's (the Resize row's
+    measure): one red disk, then the same disk plus a smaller copy."""
+    big, copy = data.Obj("red", "circle", 9.0, 10.0, 6.0), data.Obj("red", "circle", 24.0, 22.0, 4.5)
+    one, two = metrics.detect(data.render([(big,), (big, copy)]))
+    d1, d2 = one["red"], two["red"]
+    assert d1.blobs == 1 and d1.largest_area == pytest.approx(d1.area, rel=1e-6)
+    assert d2.blobs == 2 and d2.area == pytest.approx(d1.area * (1 + (4.5 / 6.0) ** 2), rel=0.05)
+    assert d2.largest_area == pytest.approx(d1.area, rel=1e-6)

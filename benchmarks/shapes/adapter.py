@@ -76,13 +76,23 @@ def _layers_of(capture) -> tuple:
     return None, True
 
 
-def to_internals(maps: dict, feats) -> Internals:
+def schedule_of(model) -> Schedule:
+    """The σ schedule a model was trained on: its ``schedule`` attribute, else the scaled-linear ``SCHEDULE``."""
+    return getattr(model, "schedule", None) or SCHEDULE
+
+
+def layer_names(model) -> tuple:
+    """The model's cross-attention layer names, down → up (``models.LAYERS`` for ``ShapesUNet``)."""
+    return tuple(getattr(model, "LAYERS", None) or model.cross_attention().keys())
+
+
+def to_internals(maps: dict, feats, order: tuple = LAYERS) -> Internals:
     """The engine's ``Internals``: maps resized (bilinear, as the SD bridge ``nodes/attention_capture.py`` does)
-    to the largest captured resolution, in ``models.LAYERS`` order."""
+    to the largest captured resolution, in ``order`` (the model's layer order)."""
     h = max(m.shape[1] for m in maps.values())
     w = max(m.shape[2] for m in maps.values())
     out = {}
-    for name in sorted(maps, key=lambda n: LAYERS.index(n) if n in LAYERS else len(LAYERS)):
+    for name in sorted(maps, key=lambda n: order.index(n) if n in order else len(order)):
         m = maps[name]
         if m.shape[1:3] != (h, w):
             m = F.interpolate(m.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
@@ -92,7 +102,7 @@ def to_internals(maps: dict, feats) -> Internals:
 
 
 def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Tensor, cfg_scale: float,
-                  schedule: Schedule = SCHEDULE, resize: bool = True):
+                  schedule: Optional[Schedule] = None, resize: bool = True):
     """``denoise(x, sigma, capture=None)`` for ``guidance.sample_universal``.
 
     tokens ``[B, T]`` (one caption per sample, or ``[1, T]`` broadcast), null_tokens ``[T]``/``[1, T]``/``[B, T]``;
@@ -102,7 +112,14 @@ def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Te
     their largest resolution, and Ψ (else ``feats`` None) — cond rows only when cond and uncond share the batch.
     x̂0 is the same with and without a capture. ``resize=False`` keeps every map at its layer's own resolution
     (16×16 or 8×8; the probe's setting).
+
+    The model's output is read by its ``prediction`` attribute: ``"eps"`` (default, ``x̂0 = x − σ·ε̂``) or ``"v"``
+    (``x̂0 = α·z − s·v̂`` with ``α = 1/√(1+σ²)``, ``s = σ/√(1+σ²)``, CFG applied to v̂); the schedule defaults to
+    the model's (``schedule_of``).
     """
+    schedule = schedule or schedule_of(model)
+    prediction = getattr(model, "prediction", "eps")
+    order = layer_names(model)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, capture: Optional[object] = None):
         b = x.shape[0]
@@ -126,11 +143,15 @@ def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Te
             keep = slice(b, 2 * b) if guided else slice(0, b)
             maps = {k: v[keep] for k, v in rec.maps.items()}
             feats = rec.feats[keep] if features else None
-            internals = to_internals(maps, feats) if resize else Internals(maps, feats)
+            internals = to_internals(maps, feats, order) if resize else Internals(maps, feats)
         if guided:
             e_u, e_c = eps.chunk(2)
             eps = e_u + cfg_scale * (e_c - e_u)
-        x0 = x - s * eps.to(x.dtype)
+        if prediction == "v":
+            # α·z − s_vp·v̂ with z = x/√(1+σ²), α = 1/√(1+σ²), s_vp = σ/√(1+σ²)
+            x0 = x / (1.0 + s * s) - s / (1.0 + s * s).sqrt() * eps.to(x.dtype)
+        else:
+            x0 = x - s * eps.to(x.dtype)
         return x0 if capture is None else (x0, internals)
 
     return denoise
@@ -152,7 +173,7 @@ def sample(model: ShapesUNet, captions, seed: int, steps: int = 50, cfg: float =
     tokens = data.tokens(captions)
     null = data.tokens([""])
     denoise = make_denoiser(model, tokens, null, cfg)
-    sigmas = SCHEDULE.ddim_sigmas(steps)
+    sigmas = schedule_of(model).ddim_sigmas(steps)
     x = initial_noise(len(captions), seed, float(sigmas[0]))
     with torch.no_grad():
         out = ug.sample_universal(denoise, x, sigmas, guidance=guidance, decode=data.decode,

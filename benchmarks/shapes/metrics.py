@@ -40,12 +40,14 @@ def colour_scores(image: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Detection:
     """One colour in one image: area (image fraction), centroid (x, y) in [0, 1]² (None if absent), blob count,
-    and the 16×16 crop of its largest blob (None if none)."""
+    the 16×16 crop of its largest blob (None if none) and that blob's own area (score-weighted over the blob grown
+    by one pixel, image fraction; 0 if none)."""
 
     area: float
     centroid: tuple | None
     blobs: int
     crop: torch.Tensor | None
+    largest_area: float = 0.0
 
     @property
     def present(self) -> bool:
@@ -89,7 +91,7 @@ def detect_colour(score: torch.Tensor) -> Detection:
     if n == 0:
         return Detection(area, centroid, 0, None)
     largest = ndimage.binary_dilation(labels == (int(np.argmax(sizes)) + 1), structure=_EIGHT)
-    return Detection(area, centroid, blobs, crop(torch.from_numpy(s), largest))
+    return Detection(area, centroid, blobs, crop(torch.from_numpy(s), largest), _moments(s, largest)[0])
 
 
 def detect(image: torch.Tensor) -> list[dict]:

@@ -63,7 +63,7 @@ def run_seed(model, scenes, seed: int, steps: int, cfg: float, capture_steps) ->
 
     captions = [data.caption(s) for s in scenes]
     denoise = adapter.make_denoiser(model, data.tokens(captions), data.tokens([""]), cfg, resize=False)
-    sigmas = adapter.SCHEDULE.ddim_sigmas(steps)
+    sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
     wanted = {float(sigmas[i]): i for i in capture_steps}
     found = {}
 
@@ -172,12 +172,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--capture", default=",".join(map(str, CAPTURE_STEPS)), help="step indices to capture at")
     ap.add_argument("--weights", type=Path, default=models.WEIGHTS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("shipped", "cosine"), default="shipped",
+                    help="cosine: models2.ShapesUNetV (weights/diffusion_cosine.safetensors in --weights)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, classifier = models.load_unet(args.weights), models.load_classifier()
+    if args.model == "cosine":
+        from . import models2
+        model = models2.load_unet(args.weights)
+        from safetensors import safe_open
+        with safe_open(str(args.weights / models2.FILE), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    else:
+        model, meta = models.load_unet(args.weights), models.read_meta("diffusion", args.weights)
+    classifier = models.load_classifier()
     scenes = data.sample_scenes(args.scenes, SCENE_SEED)
     capture_steps = [int(s) for s in args.capture.split(",") if s.strip()]
-    sigmas = adapter.SCHEDULE.ddim_sigmas(args.steps)
+    sigmas = adapter.schedule_of(model).ddim_sigmas(args.steps)
     records, t0, cpu0 = [], time.time(), time.process_time()
     for seed in [int(s) for s in args.seeds.split(",")]:
         images, found = run_seed(model, scenes, seed, args.steps, args.cfg, capture_steps)
@@ -193,7 +203,7 @@ def main(argv=None) -> dict:
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} thread(s)",
               "config": dict(scenes=args.scenes, scene_seed=SCENE_SEED, seeds=args.seeds, steps=args.steps,
-                             cfg=args.cfg, capture_steps=capture_steps, weights_meta=models.read_meta("diffusion", args.weights)),
+                             cfg=args.cfg, capture_steps=capture_steps, weights_meta=meta, model=args.model),
               "quality": quality(records), "localization": rows,
               "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

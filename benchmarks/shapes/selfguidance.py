@@ -54,7 +54,7 @@ import guidance as ug
 from guidance import selfguidance as sg
 from guidance.objective import Guidance, GuidanceTerm
 
-from . import adapter, data, metrics, models
+from . import adapter, data, metrics, models, models2
 
 SCENE_SEED = 2024                    # the probe's scenes (data.sample_scenes(n, 2024))
 TARGETS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
@@ -66,6 +66,9 @@ WORDS = ("colour", "shape")
 # so the move + keep row uses keep terms at half the move's weight.
 PAPER_KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 3.0, "other_shape": 2.5, "other_appearance": 3.0}
 KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 0.5, "other_shape": 0.5, "other_appearance": 0.5}
+BOUND_STATS = ("bound_checked", "bound_acted", "bound_x0_acted")   # the sampler's schedule-safe bound, counted
+MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet()}
+DECODERS = {"shipped": DECODER, "cosine": models2.DECODER}
 
 
 # ---------------------------------------------------------------------------------------------- edits
@@ -84,9 +87,10 @@ class Edit:
     weights: tuple = tuple(KEEP_WEIGHTS.items())
     words: tuple = WORDS
     end: float | None = None
+    start: float = 0.0
 
     def settings(self, end: float) -> ug.Settings:
-        return ug.Settings(forward_strength=self.strength, strength_mode=self.mode, start_percent=0.0,
+        return ug.Settings(forward_strength=self.strength, strength_mode=self.mode, start_percent=self.start,
                            end_percent=self.end if self.end is not None else end)
 
 
@@ -104,7 +108,7 @@ def layer_choice(layers, word: str, oracle: dict):
     if layers == "oracle":
         return list(oracle[word])
     if layers == "decoder":
-        return list(DECODER)
+        return list(oracle.get("decoder", DECODER))
     return layers
 
 
@@ -137,14 +141,22 @@ def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
             terms += word_terms(sg.AppearanceLoss, "other_appearance", pos[1], edit.layers, oracle,
                                 w["other_appearance"], reference=sg.ORIGINAL)
     if edit.kind == "resize":
-        terms += word_terms(sg.ResizeLoss, "resize", pos[0], edit.layers, oracle, 1.0, factor=edit.factor)
+        rw = {k: w[k] for k in ("shape_weight", "size_weight") if k in w}
+        terms += word_terms(sg.ResizeLoss, "resize", pos[0], edit.layers, oracle, 1.0, factor=edit.factor, **rw)
     if edit.kind in ("appearance", "appearance_keep"):
         ref = ctx["reference_latents"][idx]
+        # The reference is read with this image's caption: its object is named by the shape word (the reference
+        # has the object's shape, not its colour), so its appearance is taken under the shape word's map.
         terms += word_terms(sg.AppearanceLoss, "appearance", pos[0], edit.layers, oracle, 1.0, edit.words,
-                            reference=ref)
+                            reference=ref, reference_tokens=[pos[0]["shape"]],
+                            mask_threshold=w.get("mask_threshold", 0.5), core=w.get("core", 0.0))
     if edit.kind == "appearance_keep":   # the paper's transfer: appearance from the reference, layout kept
+        keep_words = ("shape",) if w.get("keep_words", 1.0) == 1.0 else WORDS
         terms += word_terms(sg.KeepShapeLoss, "keep_shape", pos[0], edit.layers, oracle,
-                            w.get("keep_shape", 1.0), reference=sg.ORIGINAL)
+                            w.get("keep_shape", 1.0), keep_words, reference=sg.ORIGINAL)
+        if w.get("keep_size", 0.0):
+            terms += word_terms(sg.ResizeLoss, "keep_size", pos[0], edit.layers, oracle, w["keep_size"],
+                                keep_words, factor=1.0)
     if not terms:
         raise ValueError(f"unknown edit kind {edit.kind!r}")
     return Guidance(tuple(terms))
@@ -166,7 +178,7 @@ def sample_rows(model, captions, noise, seed: int, steps: int, cfg: float, guida
     denoise = adapter.make_denoiser(model, data.tokens(captions), data.tokens([""]), cfg)
     if denoise_wrap is not None:
         denoise = denoise_wrap(denoise)
-    sigmas = adapter.SCHEDULE.ddim_sigmas(steps)
+    sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
     with torch.no_grad():
         out = ug.sample_universal(denoise, noise.clone(), sigmas, guidance=guidance, decode=data.decode,
                                   settings=settings or ug.Settings(), parameterization=ug.VE,
@@ -184,17 +196,20 @@ def run_edit(model, edit: Edit, scenes, noise, seed: int, ctx: dict, steps: int,
         images[idx] = sample_rows(model, [data.caption(scenes[i]) for i in idx], noise[idx], seed, steps, cfg,
                                   guidance=g, settings=edit.settings(end), stats=stats)
         for k in ("steps", "iterations", "denoiser_calls", "denoiser_grad_calls", "reference_calls",
-                  "decoder_calls", "capped_updates", "nonfinite_skips"):
-            setattr(total, k, getattr(total, k) + getattr(stats, k))
-    return images, {k: getattr(total, k) for k in ("denoiser_calls", "denoiser_grad_calls", "reference_calls",
-                                                   "decoder_calls", "capped_updates", "nonfinite_skips")}
+                  "decoder_calls", "capped_updates", "nonfinite_skips") + BOUND_STATS:
+            setattr(total, k, getattr(total, k, 0) + getattr(stats, k, 0))
+        total.bound_min_scale = min(getattr(total, "bound_min_scale", 1.0), getattr(stats, "bound_min_scale", 1.0))
+    return images, {k: getattr(total, k, 0) for k in ("denoiser_calls", "denoiser_grad_calls", "reference_calls",
+                                                      "decoder_calls", "capped_updates", "nonfinite_skips")
+                    + BOUND_STATS + ("bound_min_scale",)}
 
 
 def run_unguided(model, scenes, noise, seed: int, steps: int, cfg: float, window_steps: list):
     """The twins, and at each step of ``window_steps`` every layer's attention properties of every token:
     ``{step: {"centroid": [L,B,T,2], "size": [L,B,T], "auto": [L,B,T]}}`` (engine's ``centroid``, ``size``,
     ``compact_layers`` on the adapter's maps, all layers)."""
-    sigmas = adapter.SCHEDULE.ddim_sigmas(steps)
+    sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
+    names = adapter.layer_names(model)
     wanted = {float(sigmas[i]): i for i in window_steps}
     found = {}
 
@@ -204,7 +219,7 @@ def run_unguided(model, scenes, noise, seed: int, steps: int, cfg: float, window
             if i is None or capture is not None:
                 return denoise(x, sigma, capture=capture) if capture is not None else denoise(x, sigma)
             x0, internals = denoise(x, sigma, capture=sg.CaptureRequest(None, False))
-            maps = [internals.maps[n] for n in models.LAYERS]
+            maps = [internals.maps[n] for n in names]
             found[i] = {"centroid": torch.stack([sg.centroid(m) for m in maps]),
                         "size": torch.stack([sg.size(m) for m in maps]),
                         "auto": sg.compact_layers(maps)}
@@ -237,7 +252,7 @@ def analyse(classifier, images: torch.Tensor) -> list:
                 where.append((b, c))
     shapes = dict(zip(where, metrics.classify(classifier, crops)))
     return [{c: {"present": d.present, "area": d.area, "centroid": d.centroid, "blobs": d.blobs,
-                 "shape": shapes.get((b, c))} for c, d in per.items()} for b, per in enumerate(dets)]
+                 "largest_area": d.largest_area, "shape": shapes.get((b, c))} for c, d in per.items()} for b, per in enumerate(dets)]
 
 
 def _dist(a, b) -> float:
@@ -296,6 +311,7 @@ def measure(edit: Edit, scenes, twin_images, images, twin: list, guided: list, c
                if outside.any() else 0.0}
         if dt["present"] and dg["present"]:
             rec["area_ratio"] = dg["area"] / dt["area"]
+            rec["largest_ratio"] = dg["largest_area"] / max(dt["largest_area"], 1e-9)
             rec["shift"] = _dist(dg["centroid"], dt["centroid"])
         if edit.kind in ("move", "move_keep") and dt["centroid"] is not None:
             target = ctx["targets"][b]
@@ -332,6 +348,8 @@ def summarise(rows: list, edit: Edit) -> dict:
            "object_present": _mean([r["present"] for r in base]),
            "size_ratio": _mean([r["area_ratio"] for r in both]),
            "size_ratio_median": round(float(np.median([r["area_ratio"] for r in both])), 4) if both else None,
+           "largest_ratio": _mean([r["largest_ratio"] for r in both]),
+           "largest_ratio_median": round(float(np.median([r["largest_ratio"] for r in both])), 4) if both else None,
            "shift_from_twin": _mean([r["shift"] for r in both]),
            "extra_blobs": _mean([r["blobs"] > 1 for r in base]),
            "extra_blobs_twin": _mean([r["twin_blobs"] > 1 for r in base]),
@@ -363,13 +381,14 @@ def summarise(rows: list, edit: Edit) -> dict:
     return out
 
 
-def layer_report(records: list, window_steps: list, steps: int) -> dict:
+def layer_report(records: list, window_steps: list, steps: int, names: tuple = models.LAYERS,
+                 decoder: tuple = DECODER) -> dict:
     """Per (layer, word): centroid-vs-object Pearson r (x and y averaged) by step and averaged over the window,
     the mean soft size, how often ``"auto"`` counts the layer; the oracle layers per word; auto's agreement.
 
     ``records``: per seed (scenes, twin analysis, captured properties)."""
     rows = {}
-    for li, layer in enumerate(models.LAYERS):
+    for li, layer in enumerate(names):
         for word in WORDS:
             by_step, sizes, picks = {}, [], []
             for step in window_steps:
@@ -403,9 +422,9 @@ def layer_report(records: list, window_steps: list, steps: int) -> dict:
         oracle[word] = [layer for r, layer in cand if r >= best - 0.03]
     agree = {}
     for word in WORDS:
-        picked = {layer: rows[f"{layer}/{word}"]["auto_picked"] for layer in models.LAYERS}
+        picked = {layer: rows[f"{layer}/{word}"]["auto_picked"] for layer in names}
         agree[word] = {"picks_oracle_best": picked[oracle[word][0]],
-                       "picks_decoder": round(max(picked[x] for x in DECODER), 4),
+                       "picks_decoder": round(max(picked[x] for x in decoder), 4),
                        "most_picked": max(picked, key=picked.get)}
     return {"window_steps": window_steps, "mid_step": window_steps[len(window_steps) // 2],
             "rows": rows, "oracle": oracle, "auto_agreement": agree,
@@ -525,6 +544,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--end", type=float, default=0.6, help="guidance window 0 – end (fraction of the steps)")
     ap.add_argument("--strength", type=float, default=0.1, help="normalized strength of the headline rows")
     ap.add_argument("--resize-factor", type=float, default=2.0)
+    ap.add_argument("--resize-strength", type=float, default=1.0,
+                    help="normalized strength of the Resize rows (the shape target needs more than Move's 0.1: at "
+                         "0.1 and 0.3 the object grows 1.0x and 1.2x)")
+    ap.add_argument("--resize-sweep", default="0.3,0.5", help="Resize strengths of its trade-off (sweep seeds)")
     ap.add_argument("--appearance-strength", type=float, default=1.0,
                     help="normalized strength of the appearance-transfer row (0.3 leaves the colour mixed)")
     ap.add_argument("--sweep", default="0.03,0.05,0.1,0.2,0.4", help="normalized strengths of Move's sweep")
@@ -533,6 +556,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--layer-seeds", default="", help="seeds of the layer comparison (default: --seeds)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid-rows", type=int, default=10)
+    ap.add_argument("--model", choices=sorted(MODELS), default="shipped",
+                    help="shipped: models.ShapesUNet (scaled-linear ε); cosine: models2.ShapesUNetV (cosine to "
+                         "σ 316, v-prediction, other layers)")
+    ap.add_argument("--rows", default="", help="comma-separated edit names to run (default: every row)")
+    ap.add_argument("--name", default="", help="stem of the output files (default: selfguidance, "
+                                               "selfguidance_cosine for --model cosine)")
     args = ap.parse_args(argv)
     if args.quick:
         args.scenes, args.seeds, args.sweep, args.paper_sweep = 30, "0", "0.05,0.1,0.3", ""
@@ -541,28 +570,43 @@ def main(argv=None) -> dict:
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip() and int(s) in seeds] or seeds[:1]
     layer_seeds = [int(s) for s in (args.layer_seeds or args.seeds).split(",") if s.strip() and int(s) in seeds]
     t0, cpu0 = time.time(), time.process_time()
-    model, classifier = models.load_unet(), models.load_classifier()
+    model, classifier = MODELS[args.model](), models.load_classifier()
+    names = adapter.layer_names(model)
+    decoder = DECODERS[args.model]
+    stem = args.name or ("selfguidance" if args.model == "shipped" else f"selfguidance_{args.model}")
     scenes = data.sample_scenes(args.scenes, SCENE_SEED)
     n_guided = sum(1 for i in range(args.steps) if i / args.steps < args.end)
     window = list(range(n_guided))
     s = args.strength
-    headline = [Edit("move", "move", s), Edit("resize", "resize", s, factor=args.resize_factor),
+    rs = args.resize_strength
+    headline = [Edit("move", "move", s), Edit("resize", "resize", rs, factor=args.resize_factor),
                 Edit("appearance", "appearance", args.appearance_strength), Edit("move_keep", "move_keep", s),
                 Edit("move_keep_paper", "move_keep", s, weights=tuple(PAPER_KEEP_WEIGHTS.items()))]
     layer_rows = [Edit("move_oracle", "move", s, layers="oracle"), Edit("move_decoder", "move", s, layers="decoder")]
     sweep = [Edit(f"sweep_normalized_{v:g}", "move", v) for v in _floats(args.sweep) if v != s] + \
-            [Edit(f"sweep_paper_{v:g}", "move", v, mode="paper") for v in _floats(args.paper_sweep)]
+            [Edit(f"sweep_paper_{v:g}", "move", v, mode="paper") for v in _floats(args.paper_sweep)] + \
+            [Edit("resize_size_only", "resize", rs, factor=args.resize_factor,
+                  weights=(("shape_weight", 0.0), ("size_weight", 1.0)))] + \
+            [Edit(f"resize_{v:g}", "resize", v, factor=args.resize_factor) for v in _floats(args.resize_sweep)
+             if v != rs]
     plan = [(e, seeds) for e in headline] + [(e, layer_seeds) for e in layer_rows] + [(e, sweep_seeds) for e in sweep]
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = sorted(set(wanted) - {e.name for e, _ in plan})
+        if unknown:
+            raise SystemExit(f"--rows: unknown rows {unknown}; rows: {[e.name for e, _ in plan]}")
+        plan = [(e, ss) for e, ss in plan if e.name in wanted]
 
     per_edit = {e.name: [] for e, _ in plan}
     costs = {e.name: {"seconds": 0.0, "cpu_seconds": 0.0, "denoiser_calls": 0, "denoiser_grad_calls": 0,
-                      "reference_calls": 0, "decoder_calls": 0, "capped_updates": 0, "nonfinite_skips": 0}
+                      "reference_calls": 0, "decoder_calls": 0, "capped_updates": 0, "nonfinite_skips": 0,
+                      **{k: 0 for k in BOUND_STATS}, "bound_min_scale": 1.0}
              for e, _ in plan}
     layer_records, unguided_quality, pictures = [], [], {}
     refs = reference_scenes(scenes, SCENE_SEED + 1)
     ref_latents = data.to_latent(data.render(refs))
     for seed in seeds:
-        sigma_max = float(adapter.SCHEDULE.ddim_sigmas(args.steps)[0])
+        sigma_max = float(adapter.schedule_of(model).ddim_sigmas(args.steps)[0])
         noise = adapter.initial_noise(len(scenes), seed, sigma_max)
         ts, tc = time.time(), time.process_time()
         twin_images, found = run_unguided(model, scenes, noise, seed, args.steps, args.cfg, window)
@@ -571,9 +615,9 @@ def main(argv=None) -> dict:
         layer_records.append((scenes, twin, found))
         print(f"seed {seed}: unguided in {time.time() - ts:.0f}s ({time.process_time() - tc:.0f} CPU-s)", flush=True)
         if seed == seeds[0]:
-            layers_now = layer_report(layer_records, window, args.steps)
+            layers_now = layer_report(layer_records, window, args.steps, names, decoder)
         ctx = {"targets": choose_targets(scenes, twin), "reference_scenes": refs, "reference_latents": ref_latents,
-               "oracle": layers_now["oracle"]}
+               "oracle": {**layers_now["oracle"], "decoder": decoder}}
         if seed == seeds[0]:
             pictures = {"unguided": twin_images, "reference": data.render(refs), "targets": ctx["targets"]}
         for edit, edit_seeds in plan:
@@ -590,16 +634,17 @@ def main(argv=None) -> dict:
             c["seconds"] += time.time() - ts
             c["cpu_seconds"] += time.process_time() - tc
             for k, v in stats.items():
-                c[k] += v
+                c[k] = min(c[k], v) if k == "bound_min_scale" else c[k] + v
             if seed == seeds[0] and edit.name in ("move", "resize", "appearance", "move_keep"):
                 pictures[edit.name] = images
             quick = summarise(rows, edit)
             print(f"  {edit.name:26s} seed {seed}: " + ", ".join(
                 f"{k} {quick.get(k)}" for k in ("error_reduction", "class_kept", "colour_kept", "size_ratio",
-                                                "extra_blobs", "outside_change", "transferred") if k in quick) +
+                                                "largest_ratio", "extra_blobs", "extra_blobs_twin",
+                                                "outside_change", "transferred") if k in quick) +
                 f" ({time.time() - ts:.0f}s)", flush=True)
 
-    layers = layer_report(layer_records, window, args.steps)
+    layers = layer_report(layer_records, window, args.steps, names, decoder)
     edits = {}
     for edit, edit_seeds in plan:
         summ = summarise(per_edit[edit.name], edit)
@@ -632,14 +677,15 @@ def main(argv=None) -> dict:
         sub = [r for r in per_edit["move"] if r["seed"] in layer_seeds]
         rule["move"] = {k: summarise(sub, Edit("move", "move", s)).get(k) for k in rule["move"]}
     layers["guided_comparison"] = {"seeds": layer_seeds, "strength": s, "oracle_layers": layers["oracle"],
-                                   "decoder_layers": list(DECODER), "rows": rule}
+                                   "decoder_layers": list(decoder), "rows": rule}
     uq = metrics.summary(unguided_quality)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} thread(s)",
+        "model": args.model,
         "config": {"scenes": args.scenes, "scene_seed": SCENE_SEED, "seeds": seeds, "steps": args.steps,
                    "cfg": args.cfg, "window": [0.0, args.end], "guided_steps": n_guided, "strength": s,
-                   "strength_mode": "normalized", "resize_factor": args.resize_factor,
+                   "strength_mode": "normalized", "resize_factor": args.resize_factor, "resize_strength": args.resize_strength,
                    "appearance_strength": args.appearance_strength, "keep_weights": KEEP_WEIGHTS,
                    "paper_keep_weights": PAPER_KEEP_WEIGHTS, "targets": TARGETS,
                    "other_clearance": OTHER_CLEARANCE, "sweep_seeds": sweep_seeds, "quick": args.quick},
@@ -650,20 +696,20 @@ def main(argv=None) -> dict:
         "decoder_calls": {name: e["decoder_calls"] for name, e in edits.items()},
         "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selfguidance.json").write_text(json.dumps(report, indent=1))
-    cols = [pictures["unguided"]] + [pictures[k] for k in ("move", "resize") if k in pictures] + \
-        [pictures["reference"], pictures.get("appearance"), pictures.get("move_keep")]
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    cols = [pictures["unguided"], pictures.get("move"), pictures.get("resize"), pictures["reference"],
+            pictures.get("appearance"), pictures.get("move_keep")]
     labels = ["unguided", "move", f"resize x{args.resize_factor:g}", "appearance\nreference",
               "appearance\ntransfer", "move + keep"]
     marks = [None, pictures["targets"], None, None, None, pictures["targets"]]
     keep = [i for i, c in enumerate(cols) if c is not None]
-    picture_grid([cols[i] for i in keep], [labels[i] for i in keep], args.out / "selfguidance_grid.png",
+    picture_grid([cols[i] for i in keep], [labels[i] for i in keep], args.out / f"{stem}_grid.png",
                  rows=args.grid_rows, marks=[marks[i] for i in keep])
-    tradeoff_plot(sweep_points, args.out / "selfguidance_tradeoff.png",
+    tradeoff_plot(sweep_points, args.out / f"{stem}_tradeoff.png",
                   f"Move (layers auto), strength sweep: {args.scenes} scenes x seeds {sweep_seeds}, "
                   f"window 0-{args.end:g} of {args.steps} DDIM steps, CFG {args.cfg:g}")
     print_table(report)
-    print(f"wrote {args.out / 'selfguidance.json'}, selfguidance_grid.png, selfguidance_tradeoff.png in "
+    print(f"wrote {args.out / stem}.json, {stem}_grid.png, {stem}_tradeoff.png in "
           f"{report['seconds']}s ({report['cpu_seconds']} CPU-s)")
     return report
 
@@ -671,7 +717,8 @@ def main(argv=None) -> dict:
 def print_table(report: dict) -> None:
     print(f"unguided: {report['unguided']}")
     keys = ("error_reduction", "unguided_error", "guided_error", "class_kept", "colour_kept", "size_ratio",
-            "extra_blobs", "extra_blobs_twin", "outside_change", "transferred", "decoder_calls", "cpu_seconds")
+            "largest_ratio", "extra_blobs", "extra_blobs_twin", "outside_change", "transferred", "decoder_calls",
+            "cpu_seconds")
     print("edit".ljust(26) + " ".join(k[:12].rjust(12) for k in keys))
     for name, e in report["edits"].items():
         print(name.ljust(26) + " ".join(("-" if e.get(k) is None else f"{e[k]:.3f}" if isinstance(e[k], float)
