@@ -103,7 +103,7 @@ def test_a_prompt_that_differs_from_the_sampler_conditioning_is_an_error(host, s
     with pytest.raises(Exception) as info:
         run(host, sd, typed, steps=2, positive=encode(clip, other))
     msg = str(info.value)
-    assert "UG Self-Guidance Move" in msg and "input 'prompt'" in msg and "UG Prompt" in msg, msg
+    assert "UG Move Object" in msg and "input 'prompt'" in msg and "UG Prompt" in msg, msg
     linked = sg(host, "UniversalGuidanceSGMove", None, "", "cat", "all", 4.0, 0.0, 0.6, "to (x, y)", 0.2, 0.5,
                 conditioning=ug_prompt(host, clip, PROMPT))
     with pytest.raises(Exception, match=f"input 'conditioning'.*{other!r}"):
