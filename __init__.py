@@ -3,6 +3,8 @@
 ComfyUI loads this folder as a custom-node package; only the node mappings are exported here.
 """
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+# The frontend extension that opens workflows saved before the samplers' expert knobs moved to UG Sampler Options.
+WEB_DIRECTORY = "./web"
 # Imported as a package (ComfyUI's loader, or pytest in a folder named like an identifier): load the nodes.
 # Imported as a plain module (pytest in a folder named e.g. ComfyUI-UniversalGuidance): there is no package to
 # import the nodes from, and nothing to export.
@@ -13,4 +15,4 @@ if __package__:
         if error.name != "comfy":
             raise
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

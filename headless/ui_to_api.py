@@ -19,6 +19,17 @@ from .nodeinfo import VIRTUAL_NODES, default_value, widget_layout
 
 MUTED, BYPASSED = 2, 4
 
+# Widgets that a node type of this pack showed in an earlier release after all of its current widgets, in that
+# order: a file saved then stores their values after the current ones. Each release appended to this list, so a
+# file stores a prefix of it. The values are passed on as inputs of the node itself, which still reads them (the
+# samplers' expert knobs, now inputs of 'UG Sampler Options'; nodes/sampler_nodes.py LEGACY_LAYOUT).
+_SAMPLER_TAIL = ("schedule", "backward_optimizer", "backward_early_stop", "jacobian", "smoothing",
+                 "smoothing_samples", "smoothing_reduction", "max_step", "cfg_branch", "low_memory")
+LEGACY_WIDGETS = {"UniversalGuidanceKSampler": _SAMPLER_TAIL, "UniversalGuidanceSampler": _SAMPLER_TAIL}
+# Sockets such a node had then (name → type): a link into one is passed on too.
+LEGACY_SOCKETS = {"UniversalGuidanceKSampler": {"guidance_vae": "VAE"},
+                  "UniversalGuidanceSampler": {"guidance_vae": "VAE"}}
+
 
 class WorkflowError(ValueError):
     """The file is not a workflow this converter can read."""
@@ -178,9 +189,13 @@ def ui_to_api(workflow: dict, info: dict, *, warnings: list | None = None) -> di
                     inputs[slot.name] = values[slot.name]
         elif values is not None:
             values = list(values)
-            if len(values) > len(layout):
+            extra = values[len(layout):]
+            for name, value in zip(LEGACY_WIDGETS.get(ntype, ()), extra):
+                inputs[name] = value  # an earlier release's layout
+            extra = extra[len(LEGACY_WIDGETS.get(ntype, ())):]
+            if extra:
                 warnings.append(f"node {nid} ({ntype}): {len(values)} widget values for {len(layout)} widgets; "
-                                f"the extra values {values[len(layout):]!r} are ignored")
+                                f"the extra values {extra!r} are ignored")
             for slot, value in zip(layout, values):
                 if slot.serialized:
                     inputs[slot.name] = value
@@ -238,10 +253,12 @@ def api_link_check(prompt: dict, info: dict) -> list[str]:
             out_type = outputs[value[1]]
             out_type = "COMBO" if isinstance(out_type, (list, tuple)) else out_type
             spec = spec_of(dest, name)
-            if spec is None:
+            legacy = LEGACY_SOCKETS.get(entry["class_type"], {}).get(name)
+            if spec is None and legacy is None:
                 errors.append(f"node {nid} ({entry['class_type']}) has no input '{name}'")
                 continue
-            if not types_compatible(out_type, input_type(spec)):
-                errors.append(f"node {nid} ({entry['class_type']}) input '{name}' ({input_type(spec)}) is linked "
+            want = input_type(spec) if spec is not None else legacy
+            if not types_compatible(out_type, want):
+                errors.append(f"node {nid} ({entry['class_type']}) input '{name}' ({want}) is linked "
                               f"to output {value[1]} of node {value[0]} ({src['class_type']}), type {out_type}")
     return errors

@@ -7,7 +7,7 @@ import comfy.utils
 
 from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
-from . import comfy_bridge, memory_plan, run_report
+from . import comfy_bridge, memory_plan, run_report, validation
 from .comfy_bridge import GuidanceInputError
 from .guidance_nodes import window_problem
 from .validation import CheckedNode
@@ -49,7 +49,9 @@ GUIDANCE_KNOBS = {
         "tooltip": "Stop guiding at this fraction of the run's steps (1 = guide to the end). Steps outside "
                    "[start, end) are plain DDIM steps with no extra cost."}),
 }
-ADVANCED_KNOBS = {
+# The daily knob after the window: the widgets of the samplers end with it (its position is the one it had when
+# the expert knobs were widgets of the samplers too; the frontend restores widget values by position).
+MODE_KNOB = {
     "strength_mode": (list(STRENGTH_MODES), {
         "default": "paper",
         "tooltip": "What forward_strength measures. 'paper': the paper's unit (the weights of each loss node "
@@ -57,6 +59,10 @@ ADVANCED_KNOBS = {
                    "works for any loss. 'polyak' (Shen et al. 2024): longer steps where the loss is flat, "
                    "forward_strength 0.001–2. 'polyak_loss': the step that would reach the loss's minimum, "
                    "forward_strength about 1." + MATHS}),
+}
+# The expert knobs: inputs of the 'UG Sampler Options' node, in the order they had as the samplers' last widgets
+# in earlier releases (LEGACY_LAYOUT reads old widget values by that order).
+EXPERT_KNOBS = {
     "schedule": (list(SCHEDULES), {
         "default": "constant",
         "tooltip": "How the forward strength changes across the guidance window: constant, or fading from full "
@@ -173,19 +179,98 @@ def check_vae(node: str, vae):
     return vae
 
 
+OPTIONS_TYPE = "UG_SAMPLER_OPTIONS"
+OPTIONS_INPUT = {
+    "options": (OPTIONS_TYPE, {
+        "tooltip": "Expert knobs from a 'UG Sampler Options' node: backward optimizer and early stop, Jacobian, "
+                   "smoothing, step cap, strength schedule, a cheaper guidance VAE, CFG branch, low memory. Not "
+                   "connected: their defaults."}),
+}
+# Hidden inputs: the sampler reads its own entry of the prompt for expert knobs that an earlier release's prompt
+# sets on the sampler itself (the executor passes only declared widget values).
+HIDDEN = {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"}
+EXPERT_DEFAULTS = {name: (spec[1].get("default") if len(spec) > 1 else None) for name, spec in EXPERT_KNOBS.items()}
+# The widgets an earlier release showed after strength_mode on both samplers, in that order (a workflow file of that
+# release stores their values there; guidance_vae was a socket).
+LEGACY_LAYOUT = [name for name, spec in EXPERT_KNOBS.items() if not isinstance(spec[0], str) or spec[0] != "VAE"]
+
+
+class SamplerOptions(dict):
+    """The expert knobs of one UG Sampler Options node, every knob present (defaults filled in)."""
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+
+
+def expert_knobs(node: str, options, prompt, unique_id, linked: dict) -> dict:
+    """The expert knobs a sampler runs with: the connected options node's, or the values an earlier release's
+    prompt sets on the sampler itself (checked by the options node's rules), or the defaults. Both at once is
+    refused: it would be unclear which applies."""
+    entry = prompt.get(str(unique_id)) if isinstance(prompt, dict) and unique_id is not None else None
+    raw = entry.get("inputs") if isinstance(entry, dict) else None
+    direct = {k: v for k, v in (raw or {}).items() if k in EXPERT_KNOBS and not _is_link(v)}
+    direct.update({k: v for k, v in linked.items() if k in EXPERT_KNOBS})
+    if options is not None and not isinstance(options, SamplerOptions):
+        raise GuidanceInputError(f"{node}: input 'options' is not the output of a 'UG Sampler Options' node; "
+                                 f"connect one, or leave the input unconnected for the defaults")
+    if not direct:
+        return dict(options) if options is not None else dict(EXPERT_DEFAULTS)
+    names = ", ".join(repr(k) for k in direct)
+    if options is not None:
+        raise GuidanceInputError(
+            f"{node}: input 'options' is connected, and this node also sets {names} itself (the layout of an "
+            f"earlier release, where these were the sampler's own inputs); set them on the UG Sampler Options "
+            f"node only and remove them from this node, so that it is clear which value applies")
+    problems = validation.check(UniversalGuidanceSamplerOptions, direct, final=True)
+    if problems:
+        raise GuidanceInputError(
+            f"{node}: " + "; ".join(problems) + " (set on this node itself, the layout of an earlier release; "
+            f"these inputs now belong on a 'UG Sampler Options' node connected to 'options')")
+    return {**EXPERT_DEFAULTS, **validation.legacy_mapped(UniversalGuidanceSamplerOptions, direct)}
+
+
+class UniversalGuidanceSamplerOptions(CheckedNode):
+    """The expert knobs of the Universal KSampler and the Guidance Sampler (Universal), for their 'options'
+    input."""
+
+    NAME = "UG Sampler Options"
+    DESCRIPTION = ("Expert knobs of the Universal Guidance samplers (Universal KSampler, Guidance Sampler "
+                   "(Universal)): backward optimizer and early stop, Jacobian, smoothing, step cap, strength "
+                   "schedule, a cheaper guidance VAE, CFG branch, low memory. Connect its output to the sampler's "
+                   "'options' input; without it the sampler uses the defaults shown here.")
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'options' input of a Universal KSampler or Guidance Sampler (Universal).",)
+    LEGACY_VALUES = {"low_memory": memory_plan.LEGACY_LOW_MEMORY}
+    FUNCTION = "options"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": dict(EXPERT_KNOBS)}
+
+    def options(self, **knobs):
+        unknown = sorted(set(knobs) - set(EXPERT_KNOBS))
+        if unknown:  # pragma: no cover - the executor passes declared inputs only
+            raise GuidanceInputError(f"{self.NAME}: unknown inputs {unknown}")
+        return (SamplerOptions({**EXPERT_DEFAULTS, **knobs}),)
+
+
 class UniversalGuidanceSampler(CheckedNode):
     """A SAMPLER for the stock SamplerCustom / SamplerCustomAdvanced."""
 
     NAME = "Guidance Sampler (Universal)"
     DESCRIPTION = ("Universal Guidance (Bansal et al. 2023) as a SAMPLER: DDIM/Euler steps with forward guidance "
-                   "through the decoded clean prediction, optional backward guidance and self-recurrence.")
+                   "through the decoded clean prediction, optional backward guidance and self-recurrence. Expert "
+                   "knobs: connect a 'UG Sampler Options' node to 'options'.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {**GUIDANCE_INPUTS, **GUIDANCE_KNOBS}, "optional": dict(ADVANCED_KNOBS)}
+        return {"required": {**GUIDANCE_INPUTS, **GUIDANCE_KNOBS}, "optional": {**MODE_KNOB, **OPTIONS_INPUT},
+                "hidden": dict(HIDDEN)}
 
     RETURN_TYPES = ("SAMPLER",)
-    LEGACY_VALUES = {"low_memory": memory_plan.LEGACY_LOW_MEMORY}
     FUNCTION = "get_sampler"
     CATEGORY = CATEGORY
 
@@ -193,8 +278,9 @@ class UniversalGuidanceSampler(CheckedNode):
     def problems(cls, values: dict) -> list:
         return knob_problems(values)
 
-    def get_sampler(self, vae, guidance, **knobs):
+    def get_sampler(self, vae, guidance, options=None, prompt=None, unique_id=None, **knobs):
         node = self.NAME
+        knobs = knob_values(node, knobs, options, prompt, unique_id)
         guidance = check_guidance(node, guidance)
         vae = check_vae(node, vae)
         settings = settings_from(node, **knobs)
@@ -203,6 +289,12 @@ class UniversalGuidanceSampler(CheckedNode):
                                         options=options_from(node, **knobs))
         sampler.ug_runs = runs  # read by UG Run Report
         return (sampler,)
+
+
+def knob_values(node: str, knobs: dict, options, prompt, unique_id) -> dict:
+    """The daily knobs the sampler received plus its expert knobs (``expert_knobs``)."""
+    linked = {k: knobs.pop(k) for k in list(knobs) if k in EXPERT_KNOBS}
+    return {**knobs, **expert_knobs(node, options, prompt, unique_id, linked)}
 
 
 def report_to(runs: run_report.RunLog, guidance: Guidance, settings: Settings):
@@ -282,12 +374,12 @@ class UniversalGuidanceKSampler(CheckedNode):
                                       "tooltip": "Fraction of the schedule to run (1 = from pure noise)."}),
                 **GUIDANCE_KNOBS,
             },
-            "optional": dict(ADVANCED_KNOBS),
+            "optional": {**MODE_KNOB, **OPTIONS_INPUT},
+            "hidden": dict(HIDDEN),
         }
 
     RETURN_TYPES = ("LATENT", "IMAGE")
     RETURN_NAMES = ("LATENT", "report")
-    LEGACY_VALUES = {"low_memory": memory_plan.LEGACY_LOW_MEMORY}
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
@@ -296,8 +388,9 @@ class UniversalGuidanceKSampler(CheckedNode):
         return knob_problems(values)
 
     def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
-               denoise, **knobs):
+               denoise, options=None, prompt=None, unique_id=None, **knobs):
         node = self.NAME
+        knobs = knob_values(node, knobs, options, prompt, unique_id)
         guidance = check_guidance(node, guidance)
         vae = check_vae(node, vae)
         settings = settings_from(node, **knobs)

@@ -119,6 +119,11 @@ def base_prompt(class_type: str, nets) -> tuple:
             "model": ["1", 0], "add_noise": True, "noise_seed": 3, "cfg": 2.0, "positive": ["2", 0],
             "negative": ["3", 0], "sampler": ["20", 0], "sigmas": ["21", 0], "latent_image": ["4", 0]}}
         return p, "20", "20"
+    if class_type == "UniversalGuidanceSamplerOptions":
+        p = _graph({"10": _image_term()}, ["10", 0])
+        p["30"] = {"class_type": class_type, "inputs": {}}
+        p["5"]["inputs"]["options"] = ["30", 0]
+        return p, "30", "5"
     if class_type == "UniversalGuidanceImage":
         return _graph({"10": _image_term()}, ["10", 0]), "10", "5"
     terms = {
@@ -270,7 +275,7 @@ def classify(host, prompt, node_id, node_name, input_name, off_id, unguided_cach
     # unguided sampling too (seed, steps, cfg, …; not a guidance knob, not a term's input).
     knobs = pack_module("nodes.sampler_nodes")
     off = fresh(base if base is not None else prompt)
-    guidance_only = set(knobs.GUIDANCE_KNOBS) | set(knobs.ADVANCED_KNOBS)
+    guidance_only = set(knobs.GUIDANCE_KNOBS) | set(knobs.MODE_KNOB) | set(knobs.EXPERT_KNOBS)
     if node_id == off_id and input_name not in guidance_only and input_name in prompt[node_id]["inputs"]:
         off[off_id]["inputs"][input_name] = prompt[node_id]["inputs"][input_name]
     off[off_id]["inputs"]["forward_strength"] = 0.0
@@ -317,7 +322,8 @@ def table():
 
 
 @pytest.mark.parametrize("class_type", [
-    "UniversalGuidanceKSampler", "UniversalGuidanceSampler", "UniversalGuidanceRunReport", "UniversalGuidanceImage",
+    "UniversalGuidanceKSampler", "UniversalGuidanceSampler", "UniversalGuidanceSamplerOptions",
+    "UniversalGuidanceRunReport", "UniversalGuidanceImage",
     "UniversalGuidanceCLIPText", "UniversalGuidanceStyle", "UniversalGuidanceSegmentation",
     "UniversalGuidanceFace", "UniversalGuidanceDetection", "UniversalGuidanceSGMove", "UniversalGuidanceSGResize",
     "UniversalGuidanceSGKeepLayout", "UniversalGuidanceSGKeepAppearance", "UniversalGuidanceSGAppearanceTransfer",

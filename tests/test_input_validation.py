@@ -25,6 +25,18 @@ def _validation_text(host, prompt) -> str:
                       for nid, entry in node_errors.items() for e in entry.get("errors", []))
 
 
+def _refusal_text(host, prompt) -> str:
+    """The validation errors; where the prompt passes validation, the run's error. The 2024-03 host validates no
+    node reached only through an optional input (UG Sampler Options): that node refuses bad values when it runs."""
+    ok, error, outputs, node_errors = host.validate(prompt)
+    if not ok:
+        return " | ".join(f"{nid}: {e.get('message')}: {e.get('details')}"
+                          for nid, entry in node_errors.items() for e in entry.get("errors", []))
+    result = host.run(prompt)
+    assert not result.success, "the prompt ran"
+    return result.error()["exception_message"]
+
+
 @pytest.fixture(scope="module")
 def reference(host):
     import os
@@ -35,9 +47,20 @@ def reference(host):
     return "ug_val.png"
 
 
+# The samplers' expert knobs (inputs of UG Sampler Options; nodes/sampler_nodes.py EXPERT_KNOBS).
+EXPERT = {
+    "schedule", "backward_optimizer", "backward_early_stop", "jacobian", "smoothing", "smoothing_samples",
+    "smoothing_reduction", "max_step", "guidance_vae", "cfg_branch", "low_memory"}
+
+
 def guided(reference, **sampler):
+    """The KSampler graph; expert knobs go on a connected UG Sampler Options node."""
     p = prompts.ksampler_guided(CHECKPOINT, reference, size=SIZE, steps=1)
-    p["5"]["inputs"].update(sampler)
+    p["5"]["inputs"].update({k: v for k, v in sampler.items() if k not in EXPERT})
+    expert = {k: v for k, v in sampler.items() if k in EXPERT}
+    if expert:
+        p["30"] = {"class_type": "UniversalGuidanceSamplerOptions", "inputs": expert}
+        p["5"]["inputs"]["options"] = ["30", 0]
     return p
 
 
@@ -51,8 +74,9 @@ def test_non_finite_term_weight_is_refused_naming_node_and_input(host, reference
 
 @pytest.mark.parametrize("name", ["cfg", "denoise", "forward_strength", "backward_lr", "max_step", "smoothing"])
 def test_nan_sampler_values_are_refused_naming_node_and_input(host, reference, name):
-    text = _validation_text(host, guided(reference, **{name: math.nan}))
-    assert "Universal KSampler" in text and f"input '{name}'" in text and "NaN" in text, text
+    text = _refusal_text(host, guided(reference, **{name: math.nan}))
+    node = "UG Sampler Options" if name in EXPERT else "Universal KSampler"
+    assert node in text and f"input '{name}'" in text and "NaN" in text, text
 
 
 def test_nan_or_infinite_box_coordinates_are_refused(host, reference):
@@ -66,29 +90,29 @@ def test_nan_or_infinite_box_coordinates_are_refused(host, reference):
 
 
 def test_combo_values_outside_their_lists_are_refused_where_the_node_checks_its_inputs(host, reference):
-    p = guided(reference, strength_mode="bogus", cfg_branch="neither")
+    p = guided(reference, strength_mode="bogus")
     p["10"] = {"class_type": "UniversalGuidanceDetection", "inputs": {
         "boxes": "2,2,20,20,person", "coordinates": "bogus", "width": SIZE, "height": SIZE,
         "model": "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth", "box_regression": False, "detector_size": 64,
         "weight": 100.0, "start_percent": 0.0, "end_percent": 1.0}}
     text = _validation_text(host, p)
     assert "input 'coordinates'" in text and "'bogus' is not one of its choices ('pixels', 'relative')" in text, text
-    assert "input 'strength_mode'" in text and "input 'cfg_branch'" in text, text
+    assert "input 'strength_mode'" in text, text
     p["10"] = {"class_type": "UniversalGuidanceSGMove", "inputs": {
         "clip": ["1", 1], "prompt": "a photo of a cat", "words": "cat", "layers": "all", "weight": 4.0,
         "start_percent": 0.0, "end_percent": 0.6, "mode": "bogus", "x": 0.2, "y": 0.5}}
     text = _validation_text(host, p)
     assert "input 'mode'" in text and "UG Move Object" in text, text
-    assert "input 'strength_mode'" in text and "input 'cfg_branch'" in text, text
+    assert "input 'strength_mode'" in text, text
 
 
 def test_optional_inputs_are_checked_on_every_host(host, reference):
     """The 2024-03 host checks no optional input itself (a negative augment count and a NaN smoothing ran)."""
-    p = guided(reference, smoothing=math.nan)
+    p = guided(reference, strength_mode="bogus")
     p["10"]["inputs"]["augment"] = -3
     text = _validation_text(host, p)
     assert "input 'augment'" in text and "below its minimum 0" in text, text
-    assert "input 'smoothing'" in text, text
+    assert "input 'strength_mode'" in text, text
 
 
 def test_attention_map_nan_noise_level_is_refused(host):

@@ -304,7 +304,8 @@ def page(server, pack_nodes):
                 "(types) => window.app && window.app.graph && window.LiteGraph"
                 " && types.every(t => t in LiteGraph.registered_node_types)", arg=list(mappings), timeout=90000)
             # Newer frontends greet a new user with the template browser (it lists this pack's example_workflows/);
-            # close it. Script errors of the frontend's own start-up are not this pack's (it ships no JS).
+            # close it. Script errors of the frontend's own start-up are not this pack's (its one extension,
+            # web/ug_options_migration.js, runs when a workflow is loaded).
             time.sleep(1.0)
             for text in visible_dialogs(page):
                 assert "Template" in text, f"unexpected dialog after loading the page: {text}"
@@ -376,6 +377,32 @@ def test_browser_finds_nodes_loads_and_runs_image_workflow(server, pack_nodes, p
         from PIL import Image
         Image.open(canvas).convert("RGB").quantize(colors=128).save(target, optimize=True)
     shutil.copyfile(canvas, os.path.join(SHOTS, "canvas-last.png"))
+
+
+def test_a_workflow_saved_before_the_options_node_opens_with_its_expert_knobs(server, page):
+    """The frontend restores widget values by position and drops those without a widget: a file saved while the
+    expert knobs were the samplers' last widgets would run with the defaults. web/ug_options_migration.js moves
+    them to a UG Sampler Options node linked to the sampler's 'options' input, so the prompt the browser queues
+    carries them; a file whose expert values are all defaults gets no options node."""
+    errors = page.ug_errors
+    data = os.path.join(os.path.dirname(__file__), "data")
+    load_workflow(page, wfiles.load(os.path.join(data, "image_workflow_before_options.json")))
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    sampler = output["5"]["inputs"]
+    assert isinstance(sampler.get("options"), list), sampler
+    options = output[str(sampler["options"][0])]
+    assert options["class_type"] == "UniversalGuidanceSamplerOptions", options
+    assert options["inputs"] == {"schedule": "linear", "backward_optimizer": "sgd", "backward_early_stop": 0.05,
+                                 "jacobian": False, "smoothing": 0.1, "smoothing_samples": 4,
+                                 "smoothing_reduction": "logmeanexp", "max_step": 5.0, "cfg_branch": "cond",
+                                 "low_memory": "on"}, options
+    assert sampler["strength_mode"] == "paper" and sampler["steps"] == 100 and "smoothing" not in sampler, sampler
+    load_workflow(page, wfiles.load(os.path.join(data, "image_workflow_v0.1.json")))
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    assert "options" not in output["5"]["inputs"] and "schedule" not in output["5"]["inputs"], output["5"]
+    assert [e["class_type"] for e in output.values()].count("UniversalGuidanceSamplerOptions") == 0
+    assert not errors, errors
+    page.evaluate("() => { app.graph.clear(); app.graph.setDirtyCanvas(true, true); }")
 
 
 def wait_for_history(server, before: set) -> dict:

@@ -54,18 +54,54 @@ def test_there_are_workflows():
 def test_workflows_saved_by_the_previous_release_still_load(name, host, info):
     """Files saved before the samplers gained inputs and the KSampler its report output (tests/data holds the
     first release's image.json and samplercustom.json): they convert, the new inputs take their defaults, and
-    ComfyUI's validator accepts them."""
+    ComfyUI's validator accepts them. The expert knobs that file stores after the daily ones (since moved to UG
+    Sampler Options) are passed on to the sampler, which reads them."""
     wf = wfiles.load(os.path.join(os.path.dirname(__file__), "data", name))
     warnings = []
     prompt = ui_to_api(wf, info, warnings=warnings)
     sampler = prompt["20" if "samplercustom" in name else "5"]["inputs"]
-    # low_memory did not exist then: its default 'auto' keeps the gradient the same (it only decides, from the
-    # free memory, whether activations are recomputed instead of kept).
-    assert sampler["max_step"] == 10.0 and sampler["cfg_branch"] == "combined" and sampler["low_memory"] == "auto"
-    assert any("max_step" in w for w in warnings)
+    assert {k: sampler[k] for k in ("schedule", "backward_optimizer", "backward_early_stop", "jacobian")} == {
+        "schedule": "constant", "backward_optimizer": "adam", "backward_early_stop": 0.0, "jacobian": True}
+    # max_step, cfg_branch, low_memory did not exist then: the sampler's defaults apply (low_memory 'auto' keeps
+    # the gradient the same; it only decides, from the free memory, whether activations are recomputed).
+    assert "max_step" not in sampler and "low_memory" not in sampler and "options" not in sampler
+    assert not any("ignored" in w for w in warnings), warnings
     wfiles.substitute_files_api(prompt)
     ok, error, _, node_errors = host.validate(prompt)
     assert ok, (error, node_errors)
+
+
+def test_workflow_with_the_expert_knobs_on_the_sampler_means_the_same(host, info):
+    """A file saved before the expert knobs moved to UG Sampler Options (23 widget values on the KSampler, the
+    expert ones set away from their defaults) runs as the same graph with an options node holding those values:
+    the same image, bit for bit."""
+    wf = wfiles.load(os.path.join(os.path.dirname(__file__), "data", "image_workflow_before_options.json"))
+    warnings = []
+    old = wfiles.substitute_files_api(ui_to_api(wf, info, warnings=warnings))
+    assert not any("ignored" in w for w in warnings), warnings
+    expert = {"schedule": "linear", "backward_optimizer": "sgd", "backward_early_stop": 0.05, "jacobian": False,
+              "smoothing": 0.1, "smoothing_samples": 4, "smoothing_reduction": "logmeanexp", "max_step": 5.0,
+              "cfg_branch": "cond", "low_memory": "on"}
+    assert {k: old["5"]["inputs"][k] for k in expert} == expert
+    old["5"]["inputs"].update(steps=2, backward_steps=1)
+    old["4"]["inputs"].update(width=64, height=64)
+    new = copy.deepcopy(old)
+    for k in expert:
+        del new["5"]["inputs"][k]
+    new["40"] = {"class_type": "UniversalGuidanceSamplerOptions", "inputs": dict(expert)}
+    new["5"]["inputs"]["options"] = ["40", 0]
+    plain = copy.deepcopy(new)
+    del plain["40"], plain["5"]["inputs"]["options"]
+
+    def image(prompt):
+        result = host.run(prompt)
+        err = result.error()
+        assert result.success, err and err["exception_message"]
+        out = result.outputs["7"]["images"][0]
+        from PIL import Image  # the PNG's bytes hold the prompt too: compare the pixels
+        return Image.open(os.path.join(host.workdir, "output", out.get("subfolder", ""), out["filename"])).tobytes()
+
+    assert image(old) == image(new) != image(plain)
 
 
 @pytest.mark.parametrize("name", NAMES)

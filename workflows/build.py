@@ -176,7 +176,7 @@ NETWORK_WORKFLOWS = [
                           "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth (torchvision) in "
                           "models/universal_guidance/detection/",
                           "The paper's setting: k = 5 and CFG 1.5 (its script differentiates the unconditional "
-                          "branch; set the sampler's cfg_branch to 'uncond' for that)."),
+                          "branch; set cfg_branch to 'uncond' on a UG Sampler Options node for that)."),
         knobs={"recurrence": 5}, cfg=1.5),
     Workflow(
         file="style.json", title="Universal Guidance — style guidance", sampler="ksampler",
@@ -314,13 +314,13 @@ def scaffold(wf: Workflow) -> list[Node]:
             "model": link(1, "MODEL"), "positive": link(2, 0), "negative": link(3, 0),
             "latent_image": link(4, "LATENT"), "vae": link(1, "VAE"), "guidance": guidance, "seed": 0,
             "steps": PAPER["steps"], "cfg": wf.cfg, "scheduler": PAPER["scheduler"], "denoise": 1.0,
-            **knobs_of(wf)}, size=(360, 560)))
+            **knobs_of(wf)}, size=(360, 200)))
         nodes.append(Node(8, "PreviewImage", (C3, 620), {"images": link(5, 1)}, title="Run report",
                           size=(520, 480)))
         return nodes
     nodes += [
         Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(1, "VAE"), "guidance": guidance,
-                                                       **knobs_of(wf)}, size=(360, 380)),
+                                                       **knobs_of(wf)}, size=(360, 160)),
         Node(21, "BasicScheduler", (C3, 450), {"model": link(1, "MODEL"), "scheduler": PAPER["scheduler"],
                                                "steps": PAPER["steps"], "denoise": 1.0}, size=(360, 110)),
     ]
