@@ -84,7 +84,7 @@ STRENGTHS = {"paper": 1.0e5, "normalized": 0.1, "polyak": 0.1, "polyak_loss": 1.
                                          ("flow", torch.cat([torch.linspace(0.98, 0.02, 10), torch.zeros(1)]))],
                          ids=["cosine316-50", "cosine316-10", "flow-10"])
 def test_the_next_sample_moves_at_most_kappa_of_its_noise_level(mode, kind, sigmas):
-    settings = Settings(forward_strength=STRENGTHS[mode], strength_mode=mode)
+    settings = Settings(step_bound_image=True, forward_strength=STRENGTHS[mode], strength_mode=mode)
     _, stats, rows = measured(kind, sigmas, settings)
     worst = max(r for r, _ in rows if r is not None)
     assert worst <= KAPPA * (1 + 1e-4), (mode, [round(r or 0, 3) for r, _ in rows])
@@ -99,11 +99,11 @@ def test_the_next_sample_moves_at_most_kappa_of_its_noise_level(mode, kind, sigm
 def test_without_the_bound_the_first_cosine_step_is_destructive():
     """What the bound prevents: normalized s = 0.1 at the first step of the σ-316 cosine schedule moves x_1 by
     about its noise level, and x̂0 by tens of data units."""
-    unbounded = Settings(forward_strength=0.1, strength_mode="normalized", step_bound=0.0, x0_bound=0.0)
+    unbounded = Settings(step_bound_image=True, forward_strength=0.1, strength_mode="normalized", step_bound=0.0, x0_bound=0.0)
     _, stats, rows = measured("ve", cosine_sigmas(50), unbounded)
     assert rows[0][0] > 0.8 and rows[0][1] > 20.0, rows[0]
     assert stats.bound_checked == stats.bound_acted == 0
-    _, _, bounded = measured("ve", cosine_sigmas(50), Settings(forward_strength=0.1, strength_mode="normalized"))
+    _, _, bounded = measured("ve", cosine_sigmas(50), Settings(step_bound_image=True, forward_strength=0.1, strength_mode="normalized"))
     assert bounded[0][0] <= KAPPA * (1 + 1e-4) and bounded[0][1] <= DELTA * (1 + 1e-4)
 
 
@@ -112,24 +112,24 @@ def test_on_sds_schedule_a_bound_that_does_not_act_changes_nothing():
     output equals the unbounded rule's bit for bit."""
     sig = sd_sigmas(50)
     base = dict(forward_strength=0.1, strength_mode="normalized", end_percent=0.6)
-    out, stats, rows = measured("ve", sig, Settings(**base))
-    ref, ref_stats, _ = measured("ve", sig, Settings(**base, step_bound=0.0, x0_bound=0.0))
+    out, stats, rows = measured("ve", sig, Settings(step_bound_image=True, **base))
+    ref, ref_stats, _ = measured("ve", sig, Settings(step_bound_image=True, **base, step_bound=0.0, x0_bound=0.0))
     assert torch.equal(out, ref)
     assert stats.bound_checked == 30 * SHAPE[0] and stats.bound_acted == 0 and ref_stats.bound_checked == 0
     assert max(r for r, _ in rows if r is not None) < KAPPA
-    assert stats.bound_line(Settings(**base)) == ("step bound (RMS Δx_next ≤ 0.2·σ_next, RMS Δx̂0 ≤ 20): acted on 0 "
+    assert stats.bound_line(Settings(step_bound_image=True, **base)) == ("step bound (RMS Δx_next ≤ 0.2·σ_next, RMS Δx̂0 ≤ 20): acted on 0 "
                                                  "of 60 updates")
-    assert not any(n.startswith("step bound") for n in stats.notes(Settings(**base)))
+    assert not any(n.startswith("step bound") for n in stats.notes(Settings(step_bound_image=True, **base)))
 
 
 def test_the_x0_bound_caps_the_clean_prediction_in_data_units_also_at_the_last_step():
     """x0_bound = 0.5: every update moves x̂0 by at most 0.5 RMS, the last one (σ_next = 0, where the σ-relative
     bound has no noise level to compare with) included; the notes count the updates it shrank."""
-    settings = Settings(forward_strength=0.3, strength_mode="normalized", x0_bound=0.5)
+    settings = Settings(step_bound_image=True, forward_strength=0.3, strength_mode="normalized", x0_bound=0.5)
     _, stats, rows = measured("ve", cosine_sigmas(10), settings)
     assert max(d for _, d in rows) <= 0.5 * (1 + 1e-4) and rows[-1][1] > 0
     assert stats.bound_x0_acted > 0 and f"{stats.bound_x0_acted} by the x̂0 bound" in stats.bound_line(settings)
-    _, _, free = measured("ve", cosine_sigmas(10), Settings(forward_strength=0.3, strength_mode="normalized",
+    _, _, free = measured("ve", cosine_sigmas(10), Settings(step_bound_image=True, forward_strength=0.3, strength_mode="normalized",
                                                             x0_bound=0.0))
     assert max(d for _, d in free) > 1.0  # without it the same run moves x̂0 further
 
@@ -137,8 +137,8 @@ def test_the_x0_bound_caps_the_clean_prediction_in_data_units_also_at_the_last_s
 def test_max_step_zero_switches_every_bound_off():
     """``max_step = 0`` is the paper's rule as written (the official-code reproductions use it)."""
     sig = cosine_sigmas(10)
-    off = Settings(forward_strength=0.1, strength_mode="normalized", max_step=0.0)
-    ref = Settings(forward_strength=0.1, strength_mode="normalized", max_step=0.0, step_bound=0.0, x0_bound=0.0)
+    off = Settings(step_bound_image=True, forward_strength=0.1, strength_mode="normalized", max_step=0.0)
+    ref = Settings(step_bound_image=True, forward_strength=0.1, strength_mode="normalized", max_step=0.0, step_bound=0.0, x0_bound=0.0)
     out, stats, _ = measured("ve", sig, off)
     assert torch.equal(out, measured("ve", sig, ref)[0]) and stats.bound_checked == 0
 
@@ -148,3 +148,15 @@ def test_max_step_zero_switches_every_bound_off():
 def test_bound_settings_are_validated(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0 \(0 = off\)"):
         Settings(**{name: value})
+
+
+def test_image_terms_alone_are_bounded_by_max_step_only_by_default():
+    """κ applies where a self-guidance term is active; an image term alone moves the sample as far as max_step
+    lets it (its purpose), unless ``step_bound_image`` is set."""
+    sig = cosine_sigmas(10)
+    _, default_stats, rows = measured("ve", sig, Settings(forward_strength=0.1, strength_mode="normalized"))
+    assert max(r for r, _ in rows if r is not None) > KAPPA
+    assert default_stats.bound_acted == default_stats.bound_x0_acted  # only the x̂0 sanity cap, never κ
+    _, image_stats, _ = measured("ve", sig, Settings(forward_strength=0.1, strength_mode="normalized",
+                                                     step_bound_image=True))
+    assert image_stats.bound_acted > image_stats.bound_x0_acted
