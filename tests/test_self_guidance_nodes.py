@@ -13,27 +13,10 @@ import torch
 import prompts
 from conftest import CHECKPOINT
 from headless.host import pack_module
+from sd15_nodes import encode, node, sd  # noqa: F401 - sd is a fixture
 
 SIZE = 64  # pixels: latent 8×8
 PROMPT = "a photo of a cat on a red sofa"
-
-
-@pytest.fixture(scope="module")
-def sd(host):
-    import nodes
-    with torch.inference_mode():
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
-    return model, clip, vae
-
-
-def encode(clip, text):
-    import nodes
-    with torch.inference_mode():
-        return nodes.CLIPTextEncode().encode(clip, text)[0]
-
-
-def node(host, name):
-    return host.node_types[name]()
 
 
 def move_term(host, clip, weight, target=(0.15, 0.5), words="cat", layers="all", chain=None, end=0.6):
