@@ -12,6 +12,8 @@ from PIL import Image
 import prompts
 from conftest import CHECKPOINT
 from headless.host import pack_module
+from test_guided_patches import image_of
+from test_precision import run_error, run_ok
 
 SIZE = 32
 EXPERT = {"backward_optimizer": "sgd", "jacobian": False}
@@ -35,27 +37,6 @@ def ksampler(reference, seed, expert=None, options=None):
         p["30"] = {"class_type": "UniversalGuidanceSamplerOptions", "inputs": dict(options)}
         p["5"]["inputs"]["options"] = ["30", 0]
     return p
-
-
-def image_of(host, result):
-    info = result.outputs["7"]["images"][0]
-    path = os.path.join(host.workdir, "output", info.get("subfolder", ""), info["filename"])
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 255.0
-
-
-def run_ok(host, prompt):
-    result = host.run(prompt)
-    err = result.error()
-    assert result.success, err and (err["exception_message"], err["traceback"][-3:]) or result.messages
-    return result
-
-
-def run_error(host, prompt) -> str:
-    result = host.run(prompt)
-    assert not result.success, "the run succeeded"
-    err = result.error()
-    assert err is not None, result.messages
-    return err["exception_message"]
 
 
 def test_options_node_and_old_direct_values_mean_the_same(host, reference):
