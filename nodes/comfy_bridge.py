@@ -182,10 +182,7 @@ def _pack_saved(t: torch.Tensor):
     # that path are kept without a copy (at small sizes the weight views are most of the bytes saved).
     if t.requires_grad and not isinstance(t, torch.nn.Parameter):
         return t.clone()
-    try:
-        return _Kept(t, t._version)
-    except RuntimeError:  # no version counter (an inference tensor): copy it
-        return t.clone()
+    return _pack_saved_kept(t)
 
 
 def _unpack_saved(packed):
