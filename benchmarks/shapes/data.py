@@ -165,9 +165,10 @@ def relation(a: Obj, b: Obj) -> str:
     return "above" if dy < 0 else "below"
 
 
-def caption(scene: Scene) -> str:
-    """``"red circle"`` or ``"red circle left of blue square"`` (objects in scene order)."""
-    names = [f"{o.colour} {o.shape}" for o in scene]
+def caption(scene: Scene, colourless=()) -> str:
+    """``"red circle"`` or ``"red circle left of blue square"`` (objects in scene order); the objects whose index is
+    in ``colourless`` are named by their shape only (``"circle left of blue square"``)."""
+    names = [o.shape if i in colourless else f"{o.colour} {o.shape}" for i, o in enumerate(scene)]
     if len(scene) == 1:
         return names[0]
     return f"{names[0]} {relation(scene[0], scene[1])} {names[1]}"
@@ -190,11 +191,12 @@ def tokens(captions) -> torch.Tensor:
     return torch.tensor([tokenize(c) for c in captions], dtype=torch.long)
 
 
-def object_positions(scene: Scene) -> list[dict]:
-    """Per object of ``caption(scene)``: token positions ``{"colour": i, "shape": j}`` (SOT is position 0)."""
-    n = len(caption(scene).split())
-    starts = [1] if len(scene) == 1 else [1, n - 1]
-    return [{"colour": s, "shape": s + 1} for s in starts]
+def object_positions(scene: Scene, colourless=()) -> list[dict]:
+    """Per object of ``caption(scene, colourless)``: token positions ``{"colour": i, "shape": j}`` (SOT is position
+    0; ``"colour"`` is None for an object named by its shape only)."""
+    n = len(caption(scene, colourless).split())
+    shapes = [1 if 0 in colourless else 2] + ([n] if len(scene) > 1 else [])
+    return [{"colour": None if i in colourless else p - 1, "shape": p} for i, p in enumerate(shapes)]
 
 
 def word_positions(text: str, word: str) -> list[int]:
