@@ -190,13 +190,18 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
 class UniversalGuidanceSGResize(SelfGuidanceNode):
     NAME = "Resize Object"
     TERM = "resize"
-    DESCRIPTION = ("Resizes an object named by a word of the prompt: L1 between the size of the word's "
-                   "thresholded attention map and factor × its size in the unguided run from the same noise.")
+    DESCRIPTION = ("Resizes an object named by a word of the prompt: L1 between the word's thresholded attention "
+                   "map and the reference's map (the unguided run from the same noise, or a photo inverted by UG "
+                   "Invert) scaled by √factor about its centre, plus L1 between its size and factor × the "
+                   "reference's size. The shape target says where the added area goes, so the object grows instead "
+                   "of a second copy appearing. Resize needs a stronger step than Move: with strength_mode "
+                   "'normalized', forward_strength about 1 (the shapes benchmark's ×2 row).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            **sg_inputs(0.7, "Multiplies the loss |size − factor·size_unguided| (size = fraction of the image)."),
+            **sg_inputs(0.7, "Multiplies the loss mean|shape − scaled reference shape| + |size − factor·size_ref| "
+                             "(size = fraction of the image)."),
             "factor": ("FLOAT", {"default": 1.5, "min": 0.05, "max": 20.0, "step": 0.05,
                                  "tooltip": "Target size (area) relative to the reference (the unguided run, or "
                                             "the photo inverted by UG Invert on 'reference'): 2 = twice the area, "
@@ -249,8 +254,11 @@ class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
     NAME = "UG Self-Guidance Appearance Transfer"
     TERM = "appearance_transfer"
     DESCRIPTION = ("Gives the named object the appearance it has in a reference latent (e.g. an encoded photo): "
-                   "L1 between decoder activations averaged under the object's attention mask, here and in the "
-                   "reference noised to each step's noise level.")
+                   "L1 between decoder activations averaged under the object's attention mask here and under the "
+                   "reference object's own mask in the reference (noised to each step's noise level, or its "
+                   "inversion from UG Invert). Name the object in the prompt without a colour or texture word "
+                   "('a photo of a car', words 'car'): a colour word in the prompt pulls its own colour back at "
+                   "every step. Chain a Keep Layout on the same words to hold the object's shape and place.")
 
     @classmethod
     def INPUT_TYPES(cls):

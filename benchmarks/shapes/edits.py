@@ -47,6 +47,12 @@ class Edit:
     words: tuple = WORDS
     end: float | None = None
     start: float = 0.0
+    prompt: str = "caption"     # "shape": the edited object is named by its shape word only ("circle left of …")
+
+    @property
+    def colourless(self) -> tuple:
+        """Indices of the objects the prompt names without a colour."""
+        return (0,) if self.prompt == "shape" else ()
 
     def settings(self, end: float) -> ug.Settings:
         return ug.Settings(forward_strength=self.strength, strength_mode=self.mode, start_percent=self.start,
@@ -83,8 +89,10 @@ def word_terms(cls, name: str, positions: dict, layers, oracle: dict, weight: fl
 
 def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
     """The guidance of ``edit`` for the scenes ``idx`` (one caption layout: same token positions)."""
-    pos = data.object_positions(scenes[idx[0]])
+    pos = data.object_positions(scenes[idx[0]], edit.colourless)
     oracle = ctx["oracle"]
+    # What keep terms compare with: the unguided twin, or (real-image edits) the scenes' own inversion trajectory.
+    keep_ref = ctx["keep_reference"](idx) if "keep_reference" in ctx else sg.ORIGINAL
     w = dict(edit.weights)
     terms = []
     if edit.kind in ("move", "move_keep"):
@@ -93,12 +101,12 @@ def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
                             "move_keep" else 1.0, targets=targets)
     if edit.kind == "move_keep":
         terms += word_terms(sg.AppearanceLoss, "keep_appearance", pos[0], edit.layers, oracle,
-                            w["keep_appearance"], reference=sg.ORIGINAL)
+                            w["keep_appearance"], reference=keep_ref)
         if len(pos) > 1:
             terms += word_terms(sg.KeepShapeLoss, "other_shape", pos[1], edit.layers, oracle, w["other_shape"],
-                                reference=sg.ORIGINAL)
+                                reference=keep_ref)
             terms += word_terms(sg.AppearanceLoss, "other_appearance", pos[1], edit.layers, oracle,
-                                w["other_appearance"], reference=sg.ORIGINAL)
+                                w["other_appearance"], reference=keep_ref)
     if edit.kind == "resize":
         rw = {k: w[k] for k in ("shape_weight", "size_weight") if k in w}
         terms += word_terms(sg.ResizeLoss, "resize", pos[0], edit.layers, oracle, 1.0, factor=edit.factor, **rw)
@@ -122,11 +130,11 @@ def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def layout_groups(scenes) -> dict:
+def layout_groups(scenes, colourless=()) -> dict:
     """``{token layout: [scene indices]}``: scenes whose objects' words sit at the same positions."""
     groups = {}
     for i, s in enumerate(scenes):
-        key = tuple((p["colour"], p["shape"]) for p in data.object_positions(s))
+        key = tuple((p["colour"], p["shape"]) for p in data.object_positions(s, colourless))
         groups.setdefault(key, []).append(i)
     return groups
 
@@ -149,10 +157,10 @@ def run_edit(model, edit: Edit, scenes, noise, seed: int, ctx: dict, steps: int,
     """Every scene under ``edit`` (grouped by caption layout); returns (images [N,3,32,32] in [0,1], stats dict)."""
     images = torch.zeros(len(scenes), 3, data.SIZE, data.SIZE)
     total = ug.Stats()
-    for idx in layout_groups(scenes).values():
+    for idx in layout_groups(scenes, edit.colourless).values():
         stats = ug.Stats()
         g = build_guidance(edit, scenes, ctx, idx)
-        images[idx] = sample_rows(model, [data.caption(scenes[i]) for i in idx], noise[idx], seed, steps, cfg,
+        images[idx] = sample_rows(model, [data.caption(scenes[i], edit.colourless) for i in idx], noise[idx], seed, steps, cfg,
                                   guidance=g, settings=edit.settings(end), stats=stats)
         for k in ("steps", "iterations", "denoiser_calls", "denoiser_grad_calls", "reference_calls",
                   "decoder_calls", "capped_updates", "nonfinite_skips") + BOUND_STATS:

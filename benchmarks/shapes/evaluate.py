@@ -66,12 +66,38 @@ def reference_scenes(scenes, seed: int) -> list:
     return out
 
 
+def twin_colours(scenes, twin: list) -> list:
+    """Per scene the colour the twin gave its first object when the prompt named it by its shape only: the present
+    colour of largest area other than the second object's caption colour (None when there is none)."""
+    out = []
+    for scene, det in zip(scenes, twin):
+        cands = [c for c in data.COLOURS if det[c]["present"] and (len(scene) == 1 or c != scene[1].colour)]
+        out.append(max(cands, key=lambda c: det[c]["area"]) if cands else None)
+    return out
+
+
+def shape_prompt_references(scenes, colours: list, seed: int) -> list:
+    """Per scene the appearance reference of a shape-only prompt: the first object's shape in a colour neither the
+    twin's object (``colours``) nor the scene's other object has, at a random place and size."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for scene, c in zip(scenes, colours):
+        used = {c} | ({scene[1].colour} if len(scene) > 1 else set())
+        free = [x for x in data.COLOURS if x not in used]
+        colour = free[int(rng.integers(len(free)))]
+        out.append((data._place(rng, colour, scene[0].shape, float(rng.uniform(*data.RADIUS_ONE))),))
+    return out
+
+
 def measure(edit: Edit, scenes, twin_images, images, twin: list, guided: list, ctx: dict, seed: int) -> list:
     """Per-image records of one edit against the twins (see the module docstring)."""
     masks_t, masks_g = hard_masks(twin_images), hard_masks(images)
     rows = []
     for b, scene in enumerate(scenes):
-        c_t = scene[0].colour
+        c_t = ctx["twin_colours"][b] if edit.prompt == "shape" else scene[0].colour
+        if c_t is None:           # the twin drew no first object: counted, not measured
+            rows.append({"seed": seed, "scene": b, "objects": len(scene), "twin_present": False, "present": False})
+            continue
         c_g = ctx["reference_scenes"][b][0].colour if edit.kind.startswith("appearance") else c_t
         dt, dg = twin[b][c_t], guided[b][c_g]
         present_t = {c for c in data.COLOURS if twin[b][c]["present"]}
@@ -122,7 +148,9 @@ def summarise(rows: list, edit: Edit) -> dict:
     """The per-edit numbers of the JSON from the per-image records of every seed."""
     base = [r for r in rows if r["twin_present"]]
     both = [r for r in base if r["present"]]
-    out = {"n": len(rows), "n_twin_present": len(base),
+    rows_all, rows = rows, [r for r in rows if "colour_kept" in r]     # measured records (a shape-only prompt's
+    # twin may draw no first object: counted in n, not measured)
+    out = {"n": len(rows_all), "n_twin_present": len(base),
            "class_kept": _mean([r["class_kept"] for r in base]),
            "colour_kept": _mean([r["colour_kept"] for r in rows]),
            "object_present": _mean([r["present"] for r in base]),

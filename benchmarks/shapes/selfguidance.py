@@ -51,7 +51,8 @@ from . import adapter, data, metrics, models
 from .edits import (BOUND_STATS, DECODER, DECODERS, KEEP_WEIGHTS, MODELS, OTHER_CLEARANCE,  # noqa: F401
                     PAPER_KEEP_WEIGHTS, SCENE_SEED, TARGETS, WORDS, Edit, build_guidance, run_edit,
                     run_unguided, sample_rows)
-from .evaluate import analyse, choose_targets, layer_report, measure, reference_scenes, summarise  # noqa: F401
+from .evaluate import (analyse, choose_targets, layer_report, measure, reference_scenes,  # noqa: F401
+                       shape_prompt_references, summarise, twin_colours)
 from .pictures import picture_grid, tradeoff_plot
 
 
@@ -107,11 +108,16 @@ def main(argv=None) -> dict:
     s = args.strength
     rs = args.resize_strength
     headline = [Edit("move", "move", s), Edit("resize", "resize", rs, factor=args.resize_factor),
-                Edit("appearance", "appearance", args.appearance_strength), Edit("move_keep", "move_keep", s),
+                Edit("appearance", "appearance", args.appearance_strength),
+                Edit("appearance_shape_prompt", "appearance_keep", args.appearance_strength, words=("shape",),
+                     prompt="shape"),
+                Edit("move_keep", "move_keep", s),
                 Edit("move_keep_paper", "move_keep", s, weights=tuple(PAPER_KEEP_WEIGHTS.items()))]
     layer_rows = [Edit("move_oracle", "move", s, layers="oracle"), Edit("move_decoder", "move", s, layers="decoder")]
     sweep = [Edit(f"sweep_normalized_{v:g}", "move", v) for v in _floats(args.sweep) if v != s] + \
             [Edit(f"sweep_paper_{v:g}", "move", v, mode="paper") for v in _floats(args.paper_sweep)] + \
+            [Edit("appearance_shape_prompt_nokeep", "appearance", args.appearance_strength, words=("shape",),
+                  prompt="shape")] + \
             [Edit("resize_size_only", "resize", rs, factor=args.resize_factor,
                   weights=(("shape_weight", 0.0), ("size_weight", 1.0)))] + \
             [Edit(f"resize_{v:g}", "resize", v, factor=args.resize_factor) for v in _floats(args.resize_sweep)
@@ -145,17 +151,29 @@ def main(argv=None) -> dict:
             layers_now = layer_report(layer_records, window, args.steps, names, decoder)
         ctx = {"targets": choose_targets(scenes, twin), "reference_scenes": refs, "reference_latents": ref_latents,
                "oracle": {**layers_now["oracle"], "decoder": decoder}}
+        shape_twin = None
+        if any(e.prompt == "shape" and seed in ss for e, ss in plan):   # the twins of a shape-only prompt
+            shape_images = sample_rows(model, [data.caption(sc, (0,)) for sc in scenes], noise, seed, args.steps,
+                                       args.cfg)
+            shape_det = analyse(classifier, shape_images)
+            colours = twin_colours(scenes, shape_det)
+            srefs = shape_prompt_references(scenes, colours, SCENE_SEED + 1 + seed)
+            shape_twin = (shape_images, shape_det, {**ctx, "twin_colours": colours, "reference_scenes": srefs,
+                                                    "reference_latents": data.to_latent(data.render(srefs))})
+            print(f"seed {seed}: shape-prompt twins drew a first object in "
+                  f"{sum(c is not None for c in colours)}/{len(scenes)}", flush=True)
         if seed == seeds[0]:
             pictures = {"unguided": twin_images, "reference": data.render(refs), "targets": ctx["targets"]}
         for edit, edit_seeds in plan:
             if seed not in edit_seeds:
                 continue
             ts, tc = time.time(), time.process_time()
-            images, stats = run_edit(model, edit, scenes, noise, seed, ctx, args.steps, args.cfg, args.end)
+            t_images, t_det, e_ctx = shape_twin if edit.prompt == "shape" else (twin_images, twin, ctx)
+            images, stats = run_edit(model, edit, scenes, noise, seed, e_ctx, args.steps, args.cfg, args.end)
             if stats["decoder_calls"] != 0:
                 raise AssertionError(f"{edit.name}: pure self-guidance ran the decoder {stats['decoder_calls']} times")
             guided = analyse(classifier, images)
-            rows = measure(edit, scenes, twin_images, images, twin, guided, ctx, seed)
+            rows = measure(edit, scenes, t_images, images, t_det, guided, e_ctx, seed)
             per_edit[edit.name] += rows
             c = costs[edit.name]
             c["seconds"] += time.time() - ts

@@ -1,0 +1,149 @@
+"""Real-image editing on the shapes models: clean rendered scenes (the "photos") are inverted along the sampler's
+schedule (``guidance.inversion.invert``), reconstructed, and edited with Move + keep against their own trajectory.
+
+    python -m benchmarks.shapes.inversion --out out/bench [--model shipped|cosine] [--scenes 100] [--sets 0,1,2]
+
+Per scene set (``data.sample_scenes(scenes, SCENE_SEED + set)``; inversion has no noise seed, so the sets play the
+role of the other benchmarks' seeds):
+
+* **inversion**: the rendered latent, inverted over DDIM ``--steps`` with the caption at CFG ``--cfg`` and
+  ``--iterations`` fixed-point passes per step (what ``UG Invert`` runs);
+* **reconstruction**: unguided sampling from the inverted start with the same schedule and CFG; its error against
+  the rendered image (mean and max |Δ| in RGB [0, 1]) and the detected object positions against the truth;
+* **Move + keep** (the paper's real-image edit): the first object's ``MoveLoss`` to the farthest quadrant centre
+  (as ``selfguidance.py`` chooses it, from the reconstruction), with keep-appearance on it and keep-shape +
+  keep-appearance on the other object of two-object scenes, every keep term against the **inversion trajectory**
+  (the image's own latent at each step), not an unguided twin; and **Move** alone from the same start.
+
+Measured against the reconstruction (the unguided run from the inverted start) with ``evaluate.measure``: error
+reduction to the target, class kept, the other object's shift. Writes ``selfguidance_inversion[_MODEL].json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import guidance as ug
+from guidance.inversion import Trajectory, invert
+
+from . import adapter, data, metrics, models
+from .edits import MODELS, SCENE_SEED, Edit, run_edit, sample_rows
+from .evaluate import analyse, choose_targets, measure, summarise
+
+
+def invert_scenes(model, scenes, steps: int, cfg: float, iterations: int) -> Trajectory:
+    """The trajectory of the rendered scenes (one caption per scene, no noise)."""
+    latent = data.to_latent(data.render(scenes))
+    denoise = adapter.make_denoiser(model, data.tokens([data.caption(s) for s in scenes]), data.tokens([""]), cfg)
+    sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
+    return invert(lambda x, s: denoise(x, s), latent, sigmas, ug.VE, iterations=iterations)
+
+
+def sliced(traj: Trajectory, idx: list) -> Trajectory:
+    """The trajectory of the scenes ``idx`` only (the engine's guidance runs one caption layout at a time)."""
+    return Trajectory(traj.sigmas, traj.latents[:, idx], [r for r in traj.residuals])
+
+
+def default_edits(strength: float) -> tuple:
+    """Move + keep (the headline: the paper's real-image move) and Move alone."""
+    return (Edit("move_keep", "move_keep", strength), Edit("move", "move", strength))
+
+
+def run_set(model, classifier, scenes, args, set_id: int, edits=None) -> dict:
+    t0, c0 = time.time(), time.process_time()
+    truth = data.render(scenes)
+    traj = invert_scenes(model, scenes, args.steps, args.cfg, args.iterations)
+    t_inv = time.time() - t0
+    recon = sample_rows(model, [data.caption(s) for s in scenes], traj.start, set_id, args.steps, args.cfg)
+    diff = (recon - truth).abs()
+    twin = analyse(classifier, recon)
+    judged = metrics.summary(metrics.judge(classifier, recon, scenes))
+    shifts = [d for b, s in enumerate(scenes) for t in data.truth(s) if (d := _shift(t, twin[b])) is not None]
+    ctx = {"targets": choose_targets(scenes, twin), "oracle": {}, "keep_reference": lambda idx: sliced(traj, idx)}
+    out = {"set": set_id, "scenes": len(scenes), "inversion_seconds": round(t_inv, 1),
+           "fixed_point_residual_max": round(max(traj.residuals), 5),
+           "reconstruction": {"mean_abs": round(float(diff.mean()), 4), "max_abs": round(float(diff.max()), 4),
+                              "p99_abs": round(float(diff.flatten().quantile(0.99)), 4),
+                              "object_shift_mean": round(float(sum(shifts) / max(len(shifts), 1)), 4),
+                              "both_correct": judged.get("both")}}
+    rows = {}
+    for edit in edits or default_edits(args.strength):
+        images, stats = run_edit(model, edit, scenes, traj.start, set_id, ctx, args.steps, args.cfg, args.end)
+        if stats["decoder_calls"]:
+            raise AssertionError(f"{edit.name}: pure self-guidance ran the decoder {stats['decoder_calls']} times")
+        rows[edit.name] = measure(edit, scenes, recon, images, twin, analyse(classifier, images), ctx, set_id)
+        if set_id == args.sets[0]:
+            out.setdefault("_pictures", {})[edit.name] = images
+    out["rows"] = rows
+    out["_pictures"] = {"image": truth, "reconstruction": recon, **out.get("_pictures", {}), "targets": ctx["targets"]}
+    out["seconds"], out["cpu_seconds"] = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+    return out
+
+
+def _shift(truth_obj: dict, det: dict):
+    """How far the detected object of ``truth_obj``'s colour sits from its true centroid (None when absent)."""
+    d = det[truth_obj["colour"]]
+    if d["centroid"] is None:
+        return None
+    return ((d["centroid"][0] - truth_obj["centroid"][0]) ** 2 + (d["centroid"][1] - truth_obj["centroid"][1]) ** 2) ** 0.5
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--model", choices=sorted(MODELS), default="shipped")
+    ap.add_argument("--scenes", type=int, default=100)
+    ap.add_argument("--sets", default="0,1,2", help="scene sets (data.sample_scenes seed SCENE_SEED + set)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--iterations", type=int, default=3, help="fixed-point passes per inverted step")
+    ap.add_argument("--end", type=float, default=0.6)
+    ap.add_argument("--strength", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    args.sets = [int(s) for s in args.sets.split(",") if s.strip()]
+    torch.set_num_threads(args.threads)
+    t0, c0 = time.time(), time.process_time()
+    model, classifier = MODELS[args.model](), models.load_classifier()
+    sets, per_edit, pictures = [], {}, None
+    for set_id in args.sets:
+        scenes = data.sample_scenes(args.scenes, SCENE_SEED + set_id)
+        res = run_set(model, classifier, scenes, args, set_id)
+        pics = res.pop("_pictures")
+        pictures = pictures or pics
+        for name, rows in res.pop("rows").items():
+            per_edit.setdefault(name, []).extend(rows)
+        sets.append(res)
+        print(f"set {set_id}: reconstruction {res['reconstruction']} in {res['seconds']}s", flush=True)
+    edits = {name: summarise(rows, Edit(name, "move_keep" if name == "move_keep" else "move", args.strength))
+             for name, rows in per_edit.items()}
+    for name, e in edits.items():
+        print(f"  {name}: error_reduction {e.get('error_reduction')} class_kept {e.get('class_kept')} "
+              f"other {e.get('other_object')} outside_change {e.get('outside_change')}")
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} thread(s)",
+              "model": args.model,
+              "config": {"scenes": args.scenes, "sets": args.sets, "steps": args.steps, "cfg": args.cfg,
+                         "iterations": args.iterations, "window": [0.0, args.end], "strength": args.strength,
+                         "strength_mode": "normalized", "layers": "auto"},
+              "sets": sets, "edits": edits,
+              "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+    stem = "selfguidance_inversion" + ("" if args.model == "shipped" else f"_{args.model}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    from .pictures import picture_grid
+    cols = [pictures["image"], pictures["reconstruction"], pictures.get("move"), pictures.get("move_keep")]
+    picture_grid(cols, ["image", "inverted +\nreconstructed", "move", "move + keep"], args.out / f"{stem}_grid.png",
+                 rows=8, marks=[None, None, pictures["targets"], pictures["targets"]])
+    print(f"wrote {args.out / stem}.json and {stem}_grid.png in {report['seconds']}s ({report['cpu_seconds']} CPU-s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
