@@ -128,6 +128,29 @@ def test_readme_and_docs_links_files_anchors_and_make_targets_exist():
     assert problems() == []
 
 
+def node_classes(root: Path = ROOT) -> dict:
+    """The pack's node classes (``class UniversalGuidance…`` in nodes/*.py) and their display names (``NAME``)."""
+    found = {}
+    for path in sorted((root / "nodes").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"^class (UniversalGuidance\w+)\(.*?\n((?:    .*\n|\s*\n)*)", text, re.M):
+            name = re.search(r'^    NAME = "([^"]+)"', m.group(2), re.M)
+            found[m.group(1)] = name.group(1) if name else None
+    return found
+
+
+def test_every_node_has_a_reference_section_and_a_readme_row():
+    nodes = node_classes()
+    assert len(nodes) >= 18 and all(nodes.values()), nodes
+    reference = (ROOT / "docs" / "nodes.md").read_text(encoding="utf-8")
+    sections = anchors(reference)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for cls, name in nodes.items():
+        section = anchor(f"{name} (`{cls}`)")
+        assert section in sections, f"docs/nodes.md has no section '### {name} (`{cls}`)'"
+        assert f"[{name}](docs/nodes.md#{section})" in readme, f"README's node table has no row for {name}"
+
+
 def test_workflow_notes_name_existing_docs_sections():
     assert note_problems() == []
 
