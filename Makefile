@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.built-v1
 HOST_STAMP := $(VENV)/.host-$(shell printf '%s' "$(COMFYUI_PATH)" | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed bench-gpu bench-memory bench-selfguidance comfyui clean
+.PHONY: venv host-deps host-frontend browser test test-current test-manager demo demo-quick bench bench-quality bench-speed bench-gpu bench-memory bench-selfguidance comfyui docs-images clean
 PORT   ?= 8188
 MODELS ?=
 
@@ -50,7 +50,7 @@ test: host-frontend browser
 # do not depend on the host: `make test` runs them, test-current leaves them out.
 HOST_FREE_TESTS := test_engine test_augment_polyak test_selfguidance_engine test_guidance_networks test_digits_bench \
   test_loss_scale test_autocast_devices test_memory_bench \
-  test_shapes_bench test_install test_registry_metadata test_run_report
+  test_shapes_bench test_install test_registry_metadata test_run_report test_docs_links
 CURRENT_TARBALL ?= $(abspath ../shared/hosts/comfyui-0.3.64.tar.gz)
 CURRENT_ROOT    ?= $(or $(TMPDIR),/tmp)/universal-guidance-hosts
 CURRENT_HOST    := $(CURRENT_ROOT)/comfyui-0.3.64
@@ -132,6 +132,12 @@ bench-selfguidance: venv
 	$(PY) -m benchmarks.shapes.selfguidance --out out/bench --model cosine $(BENCH_SG_ARGS)
 
 bench: bench-quality bench-speed bench-selfguidance
+
+# The pictures of README.md and docs/ (docs/images/*.png, each ≤ 300 KB) from the shipped digits and shapes models:
+# the demo grid, the run report, the self-guidance grid (short run) and the Pareto plot (bench-quality --quick).
+# About 13 minutes on a shared 2-core CPU; raw outputs in out/docs-images. Not part of `make test`.
+docs-images: venv
+	nice $(PY) docs/make_images.py
 
 clean:
 	rm -rf $(VENV) out

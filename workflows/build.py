@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -376,8 +376,40 @@ def node_types(wf: Workflow) -> set[str]:
     return {n.type for n in description(wf)[0]} - {"Note"}
 
 
+# The reference section of each guidance node (docs/nodes.md), named at the end of the workflow's note.
+NODE_DOCS = {
+    "UniversalGuidanceImage": "ug-image-guidance-universalguidanceimage",
+    "UniversalGuidanceCLIPText": "ug-clip-text-guidance-universalguidancecliptext",
+    "UniversalGuidanceSegmentation": "ug-segmentation-guidance-universalguidancesegmentation",
+    "UniversalGuidanceFace": "ug-face-guidance-universalguidanceface",
+    "UniversalGuidanceDetection": "ug-object-detection-guidance-universalguidancedetection",
+    "UniversalGuidanceStyle": "ug-style-guidance-universalguidancestyle",
+    "UniversalGuidanceInvert": "ug-invert-universalguidanceinvert",
+    "UniversalGuidanceSGMove": "ug-move-object-universalguidancesgmove",
+    "UniversalGuidanceSGResize": "resize-object-universalguidancesgresize",
+    "UniversalGuidanceSGKeepLayout": "ug-self-guidance-keep-layout-universalguidancesgkeeplayout",
+    "UniversalGuidanceSGKeepAppearance": "ug-self-guidance-keep-appearance-universalguidancesgkeepappearance",
+    "UniversalGuidanceSGAppearanceTransfer":
+        "ug-self-guidance-appearance-transfer-universalguidancesgappearancetransfer",
+}
+
+
+def with_docs(nodes: list[Node]) -> list[Node]:
+    """The note ends with the docs sections of the workflow's guidance nodes (paths in the pack's folder)."""
+    types = [n.type for n in sorted(nodes, key=lambda n: n.id)]
+    docs = [f"docs/nodes.md#{NODE_DOCS[t]}" for t in dict.fromkeys(types) if t in NODE_DOCS]
+    if any(t.startswith("UniversalGuidanceSG") for t in types):
+        docs.append("docs/self-guidance.md")
+    if not docs:
+        return nodes
+    line = "\n\nDocs (in the pack's folder): " + ", ".join(docs)
+    return [replace(n, inputs={**n.inputs, "text": n.inputs["text"] + line}) if n.type == "Note" else n
+            for n in nodes]
+
+
 def build(wf: Workflow, info: dict) -> dict:
     nodes, groups = description(wf)
+    nodes = with_docs(nodes)
     workflow = build_ui(stack_layout(nodes, info, groups), info, groups=groups, extra={"ug_workflow": {
         "title": wf.title, "file": wf.file, "generated_by": "workflows/build.py",
         "models": {"checkpoints": [CHECKPOINT]}}})
