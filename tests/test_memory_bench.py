@@ -1,13 +1,13 @@
-"""The memory counter of ``make bench-memory`` (benchmarks/memory.py) against real allocation, on a small plain
-PyTorch model with the parts that matter (convolutions, attention, a residual added in place, checkpointed blocks):
-the count on the meta device must equal the count on real CPU tensors, and both must match the CPU allocator's
-own peak as ``torch.profiler`` records it."""
+"""The memory counter of ``make bench-memory`` (benchmarks/memory/counter.py) against real allocation, on a
+small plain PyTorch model with the parts that matter (convolutions, attention, a residual added in place,
+checkpointed blocks): the count on the meta device must equal the count on real CPU tensors, and both must match
+the CPU allocator's own peak as ``torch.profiler`` records it."""
 import contextlib
 
 import pytest
 import torch
 
-from benchmarks import memory
+from benchmarks.memory.counter import GB, count, memory_efficient_attention, profiler_peak, wrapped_blocks
 
 
 class Block(torch.nn.Module):
@@ -69,28 +69,28 @@ def test_counted_peak_matches_real_allocation(low_memory):
     with torch.device("meta"):
         meta_net = Tiny().requires_grad_(False)
         meta_x = torch.zeros(1, 4, 64, 64)
-    meta = memory.count(_iteration(meta_net), [meta_x], [meta_net],
-                        checkpoint_modules=list(meta_net.blocks) if low_memory else ())
+    meta = count(_iteration(meta_net), [meta_x], [meta_net],
+                 checkpoint_modules=list(meta_net.blocks) if low_memory else ())
 
     net = Tiny().requires_grad_(False)
     x = torch.randn(1, 4, 64, 64)
     targets = list(net.blocks) if low_memory else []
-    real = memory.count(_iteration(net), [x], [net], checkpoint_modules=targets)
+    real = count(_iteration(net), [x], [net], checkpoint_modules=targets)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CPU attention kernel's scratch buffers are per thread
     try:
-        with memory.wrapped_blocks(net, targets), memory.memory_efficient_attention(), torch.enable_grad():
-            allocator = memory.profiler_peak(lambda: _iteration(net)(_NoCounter(), x)) / memory.GB
+        with wrapped_blocks(net, targets), memory_efficient_attention(), torch.enable_grad():
+            allocator = profiler_peak(lambda: _iteration(net)(_NoCounter(), x)) / GB
     finally:
         torch.set_num_threads(threads)
 
-    assert meta["weights_gb"] == pytest.approx(sum(p.numel() * 4 for p in net.parameters()) / memory.GB)
+    assert meta["weights_gb"] == pytest.approx(sum(p.numel() * 4 for p in net.parameters()) / GB)
     assert meta["saved_gb"] == pytest.approx(real["saved_gb"], rel=1e-6)
     assert meta["transient_peak_gb"] == pytest.approx(real["transient_peak_gb"], rel=1e-6)
     # Every byte counted was allocated; the allocator holds at most the CPU attention kernel's scratch buffer
     # (~1 MB on one thread, allocated inside the kernel, where no operator sees it) on top.
     assert real["transient_peak_gb"] <= allocator
-    assert allocator - real["transient_peak_gb"] < 1.5e6 / memory.GB
+    assert allocator - real["transient_peak_gb"] < 1.5e6 / GB
     assert real["saved_gb"] > 0
 
 
@@ -98,7 +98,7 @@ def test_checkpointing_keeps_only_block_inputs():
     with torch.device("meta"):
         net = Tiny(blocks=4).requires_grad_(False)
         x = torch.zeros(1, 4, 32, 32)
-    full = memory.count(_iteration(net), [x], [net])
-    low = memory.count(_iteration(net), [x], [net], checkpoint_modules=list(net.blocks))
+    full = count(_iteration(net), [x], [net])
+    low = count(_iteration(net), [x], [net], checkpoint_modules=list(net.blocks))
     assert low["saved_gb"] < 0.5 * full["saved_gb"]
     assert low["transient_peak_gb"] < full["transient_peak_gb"]
