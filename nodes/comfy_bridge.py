@@ -49,12 +49,9 @@ import comfy.utils
 
 from ..guidance import FLOW, VE, Settings, Stats, sample_universal, total_iterations
 from . import guided_calls, memory_plan
+from .errors import GuidanceInputError
 
 log = logging.getLogger("universal_guidance")
-
-
-class GuidanceInputError(ValueError):
-    """A user-facing error; the message names the node and the input and says what to do."""
 
 
 def parameterization_of(base_model, node: str):

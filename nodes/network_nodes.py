@@ -15,7 +15,7 @@ from .. import guidance as G
 from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .guidance_nodes import AUGMENT_INPUT, CHAIN_INPUT, LossNode, add_term, term_inputs
 
 AUTO = "auto (from file)"

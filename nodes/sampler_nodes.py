@@ -8,7 +8,7 @@ import comfy.utils
 from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
 from . import comfy_bridge, memory_plan, run_report, validation
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .guidance_nodes import window_problem
 from .validation import CheckedNode
 
