@@ -199,7 +199,6 @@ class Stats:
     weight_copy_bytes: int = 0
     started_from_inversion: bool = False
     idle_terms: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)
 
     def warn_nonfinite(self, what: str, count: int) -> None:
@@ -546,7 +545,6 @@ class _Step:
                 x0 = self.plain(x, sigma).detach()
                 leaf = x0.requires_grad_(True)
                 loss = self.loss(leaf, progress, kinds=("image",))
-            self.stats.losses.append(loss.detach().float().cpu())
             grad = self._grad(loss, leaf)
         return x0.detach(), grad, loss.detach()
 
