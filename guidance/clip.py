@@ -257,12 +257,26 @@ class ClipImageEncoder(NetworkLoss):
             return self.embed_views(self.whole_view(image)).float().clone()
 
 
+class EncoderLoss:
+    """Base of the terms that embed the decoded image with a ``ClipImageEncoder`` held in ``self.encoder``: the
+    device is the encoder's, and a new run restarts the encoder's cutout draws."""
+
+    encoder: ClipImageEncoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def reset(self) -> None:
+        self.encoder.reset()
+
+
 def _maybe_prepare(obj, image: torch.Tensor) -> None:
     if obj.device != image.device:
         obj.prepare(image.device)
 
 
-class CLIPTextLoss:
+class CLIPTextLoss(EncoderLoss):
     """``loss_b = −mean_v cos(E_img(view_v(x_b)), E_txt(text))`` ∈ [−1, 1]: lower is better.
 
     ``model``: an open_clip model (``load_clip``). ``text``: a prompt, or several whose normalized embeddings are
@@ -293,20 +307,10 @@ class CLIPTextLoss:
             emb = torch.nn.functional.normalize(emb.mean(dim=0, keepdim=True), dim=-1)
             self.text_embedding = emb.clone()  # [1, D]; a normal tensor even if built under inference_mode
 
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
-
     def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "CLIPTextLoss":
         self.encoder.prepare(device, dtype)
         self.text_embedding = self.text_embedding.to(device)
         return self
-
-    def reset(self) -> None:
-        self.encoder.reset()
-
-    def report(self) -> Optional[str]:
-        return None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = _as_bchw(image, "the decoded image")

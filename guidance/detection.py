@@ -198,9 +198,6 @@ class DetectionLoss(NetworkLoss):
     def reset(self) -> None:
         self.calls = 0
 
-    def report(self) -> Optional[str]:
-        return None
-
     def _loss_mode(self) -> None:
         self.model.train()
         for m in self.model.modules():

@@ -260,8 +260,13 @@ class Stats:
         return lines
 
 
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``values [B]`` as ``[B, 1, …, 1]``: broadcast over each sample of ``like`` ``[B, …]``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).float().norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    return _rows(t.flatten(1).float().norm(dim=1), t)
 
 
 def _finite_rows(t: torch.Tensor) -> torch.Tensor:
@@ -275,7 +280,7 @@ def _zero_nonfinite(t: torch.Tensor, stats: Stats, what: str) -> torch.Tensor:
     if bool(ok.all()):
         return t
     stats.skip_updates(what, int((~ok).sum()))
-    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+    return torch.where(_rows(ok, t), t, torch.zeros_like(t))
 
 
 def _input_grad(loss: torch.Tensor, leaf: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
@@ -439,7 +444,7 @@ class _Step:
             ok = _finite_rows(guided)
             # a finite gradient whose update is not finite (e.g. past the fp16 range): also a skipped update
             self.stats.skip_updates("forward-guidance update", int((~ok & _finite_rows(x0)).sum()))
-            x0 = torch.where(ok.view(-1, *([1] * (x0.dim() - 1))), guided, x0)
+            x0 = torch.where(_rows(ok, x0), guided, x0)
         else:
             x0 = self.plain(x, sigma)
         if s.backward_steps > 0 and self.objective.active(progress, ("image",)):
@@ -453,14 +458,13 @@ class _Step:
         scale = self.loss_scale
         if scale == 1.0:
             return _input_grad(loss, leaf)
-        view = (-1,) + (1,) * (leaf.dim() - 1)
         grad = done = None
         backoffs = 0
         while True:
             last = scale <= 1.0
             g = _input_grad(loss * scale, leaf, retain_graph=not last).float() / scale
             ok = _finite_rows(g)
-            grad, done = (g, ok) if grad is None else (torch.where(done.view(view), grad, g), done | ok)
+            grad, done = (g, ok) if grad is None else (torch.where(_rows(done, g), grad, g), done | ok)
             if last or bool(done.all()):
                 break
             backoffs += 1
@@ -473,7 +477,7 @@ class _Step:
 
     def _shift(self, x, x0, grad, loss, sig: float, strength: float, progress: float) -> torch.Tensor:
         """The change of x̂0 for this strength mode, capped at ``max_step·‖ε̂‖`` of noise per image."""
-        s, view = self.s, (-1,) + (1,) * (x0.dim() - 1)
+        s = self.s
         eps = self.param.noise_of(x, x0, sig) if sig > 0 else torch.zeros_like(x0)
         eps_norm = _per_sample_norm(eps)
         g_norm = _per_sample_norm(grad)
@@ -486,7 +490,7 @@ class _Step:
             rho = torch.where(g_norm < 1e-6, torch.zeros_like(g_norm), strength * eps_norm / g_norm.clamp_min(1e-6) ** 2)
             shift = to_x0 * rho.to(grad.dtype) * grad
         else:  # polyak_loss: the classical step with the terms' floor as f*
-            gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+            gap = _rows((loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0), grad)
             shift = (strength * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad
             shift = torch.where(g_norm < 1e-6, torch.zeros_like(shift), shift)
         if s.max_step > 0 and sig > 0:
@@ -504,7 +508,6 @@ class _Step:
         s, p, sig_next = self.s, self.param, getattr(self, "_sigma_next", None)
         if not s.bounds_update or sig_next is None or not sig > 0:
             return shift
-        view = (-1,) + (1,) * (shift.dim() - 1)
         rms = shift.detach().flatten(1).float().pow(2).mean(dim=1).sqrt()
         limit = torch.full_like(rms, math.inf)
         by_x0 = torch.zeros_like(rms, dtype=torch.bool)
@@ -524,7 +527,7 @@ class _Step:
         self.stats.bound_acted += int(over.sum())
         self.stats.bound_x0_acted += int((over & by_x0).sum())
         self.stats.bound_min_scale = min(self.stats.bound_min_scale, float(scale.min()))
-        return shift * scale.view(view).to(shift.dtype)
+        return shift * _rows(scale, shift).to(shift.dtype)
 
     def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
         """``(x̂0, ∇ loss, loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or
@@ -556,7 +559,6 @@ class _Step:
         else:  # sgd, and polyak: SGD with lr 1 on the rescaled gradient lr·(L − f*)/‖∇‖²·∇
             opt = torch.optim.SGD([delta], lr=s.backward_lr if s.backward_optimizer == "sgd" else 1.0)
         running = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
-        view = (-1,) + (1,) * (x0.dim() - 1)
         where = self.where
         for j in range(s.backward_steps):
             self.interrupt()
@@ -572,7 +574,7 @@ class _Step:
             self.stats.updates += int(running.sum())
             grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
             if s.backward_optimizer == "polyak":
-                gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+                gap = _rows((loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0), grad)
                 g_norm = _per_sample_norm(grad)
                 grad = torch.where(g_norm < 1e-6, torch.zeros_like(grad),
                                    (s.backward_lr * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad)
@@ -582,7 +584,7 @@ class _Step:
             with torch.no_grad():
                 finite = _finite_rows(delta)
                 self.stats.skip_updates("backward-guidance update", int((running & ~finite).sum()))
-                keep = (running & finite).view(view)
+                keep = _rows(running & finite, delta)
                 delta.copy_(torch.where(keep, delta, before))
         self.where = where
         return delta.detach()
@@ -711,7 +713,7 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                 x = parameterization.renoise(x_next, sigma_next, sigma, noise.to(x.device, x.dtype))
                 if not bool(_finite_rows(x).all()):
                     stats.warn_nonfinite("re-noised latent", int((~_finite_rows(x)).sum()))
-                    x = torch.where(_finite_rows(x).view(-1, *([1] * (x.dim() - 1))), x, x_before)
+                    x = torch.where(_rows(_finite_rows(x), x), x, x_before)
             done += 1
             stats.iterations += 1
             if on_iteration is not None:

@@ -243,12 +243,6 @@ class SegmentationLoss(NetworkLoss):
         self._cache = {}
         return self
 
-    def reset(self) -> None:
-        pass
-
-    def report(self) -> Optional[str]:
-        return None
-
     def target_for(self, size, device) -> torch.Tensor:
         """The target map at ``size`` (H, W) on ``device`` (nearest-neighbour resize, cached)."""
         key = (tuple(size), str(device))
