@@ -9,13 +9,16 @@ Per step ``σ_i → σ_{i+1}``, repeated ``k`` times (self-recurrence) while gui
 4. Unless this was the last repeat: re-noise back up to ``σ_i`` and go to 1.
 
 Outside guidance (no active term, or outside the window) the step is a plain Euler/DDIM step under
-``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler.
+``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler (but for the twin below).
 
 Internal terms (self-guidance, see ``selfguidance``) are evaluated on what the denoiser captured in the forward
 pass of step 1, so a guided iteration still costs one denoiser forward+backward; the decoder runs only when an image
 term is active. Internal terms need the Jacobian (they have no meaning w.r.t. x̂0 alone) and take no part in
-backward guidance, which optimizes x̂0 through the decoder. Their references (the unguided twin trajectory from the
-same noise, or a reference latent noised to each σ) cost one extra no-grad denoiser forward per guided step each.
+backward guidance, which optimizes x̂0 through the decoder. Their references cost extra no-grad denoiser forwards
+(``_References``): a reference latent noised to each σ, or an inverted image's trajectory, one per guided step at
+which a term needs it; the unguided twin trajectory from the same noise (``"original"``) one per step from the
+first step to the last step that needs it, guided or not — it is stepped alongside from the start, so every
+unguided step before the window costs a second call — with a guided step's capture serving to step it.
 """
 from __future__ import annotations
 
@@ -321,8 +324,10 @@ class _References:
 
     ``"original"``: a twin trajectory — the unguided sampler from the same starting noise — stepped alongside
     the guided one; ``("latent", id)``: a reference latent noised to each step's σ with one fixed noise;
-    ``("inversion", id)``: an inverted image's own latent at each step's σ (``inversion.Trajectory``). Each
-    reference is one no-grad denoiser pass per step that needs it, however many terms share it."""
+    ``("inversion", id)``: an inverted image's own latent at each step's σ (``inversion.Trajectory``). A reference
+    latent or trajectory is one no-grad denoiser pass per step at which a term needs it, however many terms share
+    it; the twin is one pass per step up to the last step that needs it, unguided steps included (on a step where
+    a term captured it, that capture steps it)."""
 
     def __init__(self, denoise, guidance, param: Parameterization, x: torch.Tensor, generator, stats: Stats):
         self.denoise, self.param, self.stats = denoise, param, stats

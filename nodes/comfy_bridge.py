@@ -1,4 +1,11 @@
-"""Everything the engine needs from ComfyUI, and every ComfyUI trap handled in one place.
+"""The engine run inside ComfyUI's sampling: the SAMPLER function (``make_sampler_function``) and the host traps it
+handles. What a guided call does differently (CFG branch, checkpointing, precision) is in ``guided_calls``, the
+memory estimate in ``memory_plan``, the attention capture of self-guidance in ``attention_capture``.
+
+A run, in order: ``_plan_run`` checks the inputs against the model, plans the memory and loads the model and the
+decoder; ``_normal_inputs`` and ``autograd_session`` make inputs and models usable under autograd (and put the models
+back afterwards); ``_denoiser`` is the engine's denoiser call; ``_user_errors`` turns what the user can act on into
+``GuidanceInputError``; ``_summary_lines`` is the run's report.
 
 * Autograd inside the executor: the executor runs nodes under ``torch.inference_mode()``; guidance runs under
   ``inference_mode(False)`` with inputs cloned to normal tensors.
@@ -24,12 +31,15 @@
   Tensor subclasses other than ``Parameter`` (e.g. other packs' quantized weights) cannot be aliased by storage
   without losing their type: they are still copied, and their bytes are counted (``TrainableWeights.created_bytes``,
   logged after each run).
-* The 2024-03 UNet's in-place ``x += n`` in its transformer block: on such hosts the activations the denoiser
-  saves for backward are copied (``saved_tensor_guard``, around the denoiser call only).
+* In-place writes to activations saved for backward (``saved_tensor_guard``, around the denoiser call only): the
+  UNet's ``x += n`` in its transformer block (hosts before 2025-06) and a ControlNet's or T2I adapter's ``control``
+  added in place: every activation on the gradient path is copied; blocks that add their residual in place to
+  their input (Flux-style blocks): only the tensors saved from those inputs.
 * Differentiable decode: ``first_stage_model.decode`` on ``process_latent_out`` latents, mapped [-1,1]→[0,1]
   without the clamp of ``VAE.decode`` (and without its inference-mode tiled OOM fallback).
-* UNet and VAE are loaded together with ``load_models_gpu``; progress counts steps × k; previews are detached;
-  the interrupt flag is checked in every inner loop.
+* The diffusion model and the VAE (only where an image term decodes) are loaded together with ``load_models_gpu``,
+  with the memory of a guided iteration reserved; progress counts steps × k; previews are of the detached x̂0;
+  the interrupt flag is checked in every iteration and every backward-guidance step.
 """
 from __future__ import annotations
 
