@@ -12,7 +12,7 @@ if __package__:
     try:
         from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
     except ModuleNotFoundError as error:  # imported outside ComfyUI (pytest collects this folder as a package)
-        if error.name != "comfy":
+        if error.name not in ("comfy", "folder_paths"):  # ComfyUI's own modules: absent outside ComfyUI
             raise
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -7,7 +7,7 @@ from .sampler import Settings, Stats, sample_universal, total_iterations
 # The guidance networks are imported on first use (PEP 562), so `import guidance` stays light: their modules pull
 # in torchvision / open_clip / facenet-pytorch.
 _LAZY = {
-    "CLIPTextLoss": "clip", "load_clip": "clip", "register_tiny_clip_config": "clip",
+    "CLIPTextLoss": "clip", "load_clip": "clip",
     "SegmentationLoss": "segmentation", "load_segmentation_model": "segmentation",
     "colors_to_class_map": "segmentation", "mask_to_class_map": "segmentation",
     "FaceLoss": "face", "load_face_model": "face", "build_face_detector": "face",

@@ -18,10 +18,8 @@ is the mean over the crops.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import tempfile
 from typing import Optional, Sequence, Union
 
 import torch
@@ -30,52 +28,8 @@ from .download import is_torchscript_archive, load_into, load_state_dict_file
 from .objective import NetworkLoss
 from .preprocess import CLIP_MEAN, CLIP_STD, normalize, random_cutouts, resize_center_crop, resize_to
 
-TINY_VIT = "UG-tiny-ViT"
-TINY_RN = "UG-tiny-RN"
-
-_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
-_TINY_CONFIGS = {
-    "vit": {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": _TEXT_CFG},
-    "resnet": {"embed_dim": 32,
-               "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16,
-                              "patch_size": None},
-               "text_cfg": _TEXT_CFG},
-}
-_config_dir: Optional[str] = None
-
 # Keys OpenAI's TorchScript archives carry besides the weights (open_clip drops them the same way).
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def register_tiny_clip_config(name: Optional[str] = None, *, vision: str = "vit") -> str:
-    """Register a tiny open_clip architecture for tests and return its name (idempotent).
-
-    ``vision="vit"`` → ``"UG-tiny-ViT"``: ViT, width 32, 2 layers, 32×32 images, patch 8. ``vision="resnet"`` →
-    ``"UG-tiny-RN"``: open_clip's ModifiedResNet (the RN50 family) with one block per stage, width 8, 64×64
-    images. Both share a 2-layer, width-32 text tower with the standard vocabulary (49408) and context (77), so
-    ``open_clip.get_tokenizer(name)`` is the usual offline BPE tokenizer. The config is written as JSON to a
-    temporary folder and registered with ``open_clip.add_model_config``; afterwards
-    ``open_clip.create_model(name)`` and ``load_clip(name, ...)`` work in this process.
-    """
-    global _config_dir
-    import open_clip
-
-    if vision not in _TINY_CONFIGS:
-        raise ValueError(f"vision must be 'vit' or 'resnet', got {vision!r}")
-    name = name or (TINY_VIT if vision == "vit" else TINY_RN)
-    cfg = _TINY_CONFIGS[vision]
-    if name in open_clip.list_models():
-        if open_clip.get_model_config(name) == cfg:
-            return name
-    if _config_dir is None:
-        _config_dir = tempfile.mkdtemp(prefix="ug_open_clip_configs_")
-    path = os.path.join(_config_dir, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    open_clip.add_model_config(path)
-    return name
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -303,12 +257,26 @@ class ClipImageEncoder(NetworkLoss):
             return self.embed_views(self.whole_view(image)).float().clone()
 
 
+class EncoderLoss:
+    """Base of the terms that embed the decoded image with a ``ClipImageEncoder`` held in ``self.encoder``: the
+    device is the encoder's, and a new run restarts the encoder's cutout draws."""
+
+    encoder: ClipImageEncoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def reset(self) -> None:
+        self.encoder.reset()
+
+
 def _maybe_prepare(obj, image: torch.Tensor) -> None:
     if obj.device != image.device:
         obj.prepare(image.device)
 
 
-class CLIPTextLoss:
+class CLIPTextLoss(EncoderLoss):
     """``loss_b = −mean_v cos(E_img(view_v(x_b)), E_txt(text))`` ∈ [−1, 1]: lower is better.
 
     ``model``: an open_clip model (``load_clip``). ``text``: a prompt, or several whose normalized embeddings are
@@ -339,20 +307,10 @@ class CLIPTextLoss:
             emb = torch.nn.functional.normalize(emb.mean(dim=0, keepdim=True), dim=-1)
             self.text_embedding = emb.clone()  # [1, D]; a normal tensor even if built under inference_mode
 
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
-
     def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "CLIPTextLoss":
         self.encoder.prepare(device, dtype)
         self.text_embedding = self.text_embedding.to(device)
         return self
-
-    def reset(self) -> None:
-        self.encoder.reset()
-
-    def report(self) -> Optional[str]:
-        return None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = _as_bchw(image, "the decoded image")

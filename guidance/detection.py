@@ -78,16 +78,6 @@ class BoxTarget:
         return [COCO_CATEGORIES[int(i)] for i in self.labels]
 
 
-def make_target(boxes, labels: Sequence[Union[str, int]], *, image_size: Optional[Sequence[int]] = None,
-                relative: bool = False) -> BoxTarget:
-    """``BoxTarget`` from boxes ``[N,4]`` (pixels of ``image_size = (height, width)``, or relative) and labels."""
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    if len(labels) != boxes.shape[0]:
-        raise ValueError(f"{boxes.shape[0]} boxes but {len(labels)} labels")
-    text = "; ".join(",".join(repr(float(v)) for v in b) + f",{lab}" for b, lab in zip(boxes.tolist(), labels))
-    return parse_boxes(text, image_size=image_size, relative=relative)
-
-
 def _parse_box(entry: str, n: int, relative: Optional[bool], size: Optional[tuple]):
     """``(relative box, label id)`` of one ``"x0,y0,x1,y1,label"`` entry (the ``n``-th); errors name the entry."""
     where = f"box {n} ({entry!r})"
@@ -207,9 +197,6 @@ class DetectionLoss(NetworkLoss):
 
     def reset(self) -> None:
         self.calls = 0
-
-    def report(self) -> Optional[str]:
-        return None
 
     def _loss_mode(self) -> None:
         self.model.train()

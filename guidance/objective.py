@@ -8,8 +8,12 @@ Two kinds of term:
   Tensor[B]`` evaluated on what the denoiser captured in the same call that gave x̂0 (attention maps,
   activations), and on the reference's capture when they need one. No decode.
 
-``Guidance`` is immutable: adding a term returns a new object, so values cached and shared by a node graph are
-never changed behind anyone's back.
+``Guidance`` and its terms are frozen: adding a term returns a new object, so the term list a node's cached output
+holds never changes. The terms' loss objects are not copied, though: a ``Guidance`` built from another shares them,
+and every run changes them in place — ``prepare`` moves their networks (and targets) to the device, ``reset``
+restarts their counters and generators, and during the run they count evaluations (``report``) and cache resized
+targets. A run therefore starts with ``reset`` and ``prepare``, and two runs must not use one loss object at the
+same time.
 """
 from __future__ import annotations
 
@@ -134,7 +138,8 @@ KINDS = ("image", "internal")
 
 @dataclass(frozen=True)
 class Guidance:
-    """An ordered, immutable collection of guidance terms: ``loss = Σ weight_i · loss_i`` over active terms."""
+    """An ordered, frozen collection of guidance terms: ``loss = Σ weight_i · loss_i`` over active terms (their loss
+    objects are shared and changed by each run: see the module doc)."""
 
     terms: tuple = field(default_factory=tuple)
 

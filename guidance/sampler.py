@@ -9,13 +9,16 @@ Per step ``σ_i → σ_{i+1}``, repeated ``k`` times (self-recurrence) while gui
 4. Unless this was the last repeat: re-noise back up to ``σ_i`` and go to 1.
 
 Outside guidance (no active term, or outside the window) the step is a plain Euler/DDIM step under
-``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler.
+``torch.no_grad()``: no autograd graph, the same cost as an unguided sampler (but for the twin below).
 
 Internal terms (self-guidance, see ``selfguidance``) are evaluated on what the denoiser captured in the forward
 pass of step 1, so a guided iteration still costs one denoiser forward+backward; the decoder runs only when an image
 term is active. Internal terms need the Jacobian (they have no meaning w.r.t. x̂0 alone) and take no part in
-backward guidance, which optimizes x̂0 through the decoder. Their references (the unguided twin trajectory from the
-same noise, or a reference latent noised to each σ) cost one extra no-grad denoiser forward per guided step each.
+backward guidance, which optimizes x̂0 through the decoder. Their references cost extra no-grad denoiser forwards
+(``_References``): a reference latent noised to each σ, or an inverted image's trajectory, one per guided step at
+which a term needs it; the unguided twin trajectory from the same noise (``"original"``) one per step from the
+first step to the last step that needs it, guided or not — it is stepped alongside from the start, so every
+unguided step before the window costs a second call — with a guided step's capture serving to step it.
 """
 from __future__ import annotations
 
@@ -199,7 +202,6 @@ class Stats:
     weight_copy_bytes: int = 0
     started_from_inversion: bool = False
     idle_terms: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
     trace: list = field(default_factory=list)
 
     def warn_nonfinite(self, what: str, count: int) -> None:
@@ -261,8 +263,13 @@ class Stats:
         return lines
 
 
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``values [B]`` as ``[B, 1, …, 1]``: broadcast over each sample of ``like`` ``[B, …]``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).float().norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    return _rows(t.flatten(1).float().norm(dim=1), t)
 
 
 def _finite_rows(t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +283,7 @@ def _zero_nonfinite(t: torch.Tensor, stats: Stats, what: str) -> torch.Tensor:
     if bool(ok.all()):
         return t
     stats.skip_updates(what, int((~ok).sum()))
-    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+    return torch.where(_rows(ok, t), t, torch.zeros_like(t))
 
 
 def _input_grad(loss: torch.Tensor, leaf: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
@@ -317,8 +324,10 @@ class _References:
 
     ``"original"``: a twin trajectory — the unguided sampler from the same starting noise — stepped alongside
     the guided one; ``("latent", id)``: a reference latent noised to each step's σ with one fixed noise;
-    ``("inversion", id)``: an inverted image's own latent at each step's σ (``inversion.Trajectory``). Each
-    reference is one no-grad denoiser pass per step that needs it, however many terms share it."""
+    ``("inversion", id)``: an inverted image's own latent at each step's σ (``inversion.Trajectory``). A reference
+    latent or trajectory is one no-grad denoiser pass per step at which a term needs it, however many terms share
+    it; the twin is one pass per step up to the last step that needs it, unguided steps included (on a step where
+    a term captured it, that capture steps it)."""
 
     def __init__(self, denoise, guidance, param: Parameterization, x: torch.Tensor, generator, stats: Stats):
         self.denoise, self.param, self.stats = denoise, param, stats
@@ -382,8 +391,28 @@ class _References:
         self.twin = self.param.step(self.twin, x0, sigma, sigma_next).detach()
 
 
+@dataclass(frozen=True)
+class _At:
+    """Where an iteration of the loop is: step ``i``, its ``repeat`` (self-recurrence), its noise level ``sigma``
+    (``sigma_in``: σ·ones[B], as the denoiser takes it), the level it steps to (``sigma_next``: the schedule-safe
+    bound's noise level; None: the bound is not applied) and ``progress = i / n_steps``."""
+
+    step: int
+    repeat: int
+    sigma: float
+    sigma_in: torch.Tensor
+    sigma_next: Optional[float]
+    progress: float
+
+    def trace(self, **more) -> dict:
+        """The entry of ``Stats.trace`` that says where a loss evaluation was."""
+        return {"step": self.step, "repeat": self.repeat, "sigma": self.sigma, **more}
+
+
 class _Step:
-    """The guided x̂0 for one iteration: forward guidance, then backward guidance."""
+    """The guided x̂0 for one iteration: forward guidance, then backward guidance. Where the iteration is comes in
+    as an argument (``_At``); what the object keeps between iterations is the run's: its settings and counters,
+    the loss scale reached (``_grad``) and the generator of the smoothing noise."""
 
     def __init__(self, denoise, decode, objective, settings: Settings, param: Parameterization,
                  stats: Stats, interrupt: Callable[[], None], references: Optional[_References] = None,
@@ -392,13 +421,14 @@ class _Step:
         self.s, self.param, self.stats, self.interrupt = settings, param, stats, interrupt
         self.references = references
         self.loss_scale = float(loss_scale)
-        self.where = {"step": 0, "repeat": 0, "sigma": 0.0}
         seed = (generator.initial_seed() if generator is not None else 0) + 1
         self.smoothing_generator = torch.Generator().manual_seed(seed % (2 ** 63))
 
-    def loss(self, x0: torch.Tensor, progress: float, *, internals=None, phase: str = "forward",
-             kinds=("image", "internal")) -> torch.Tensor:
-        """The objective at ``x0``: decodes only when an image term is active; records the terms' losses."""
+    def loss(self, x0: torch.Tensor, at: _At, *, internals=None, phase: str = "forward",
+             kinds=("image", "internal"), inner: Optional[int] = None) -> torch.Tensor:
+        """The objective at ``x0``: decodes only when an image term is active; records the terms' losses (``inner``:
+        the backward-guidance step, recorded with them)."""
+        progress = at.progress
         image = None
         if self.objective.active(progress, tuple(k for k in kinds if k == "image")):
             self.stats.decoder_calls += 1
@@ -406,15 +436,15 @@ class _Step:
         self.stats.objective_calls += 1
         refs = None
         if internals is not None and self.references is not None:
-            refs = self.references.at(self.where["step"], self._sigma_in, self.objective.capture_request(progress),
+            refs = self.references.at(at.step, at.sigma_in, self.objective.capture_request(progress),
                                       keys=set(self.objective.references(progress)))
         record = {}
-        sig = self.where["sigma"]
-        std = noise_fraction(self.param.a(sig), self.param.b(sig))
+        std = noise_fraction(self.param.a(at.sigma), self.param.b(at.sigma))
         value = self.objective(image, progress, internals=internals, references=refs, kinds=kinds, record=record,
                                smoothing=self.s.smoothing_spec, noise_std=std,
                                generator=self.smoothing_generator)
-        self.stats.trace.append({**self.where, "phase": phase, "terms": record,
+        where = at.trace() if inner is None else at.trace(inner=inner)
+        self.stats.trace.append({**where, "phase": phase, "terms": record,
                                  "total": float(value.detach().float().mean())})
         return value
 
@@ -423,28 +453,24 @@ class _Step:
         with torch.no_grad():
             return self.denoise(x, sigma)
 
-    def guided(self, x: torch.Tensor, sigma: torch.Tensor, progress: float,
-               sigma_next: Optional[float] = None) -> torch.Tensor:
-        """``sigma_next``: where this step goes (the schedule-safe bound's noise level; None: not applied)."""
-        s, sig = self.s, float(sigma[0])
-        self._sigma_in, self._sigma_next = sigma, sigma_next
-        self._edits_internals = any(t.kind == "internal" for t in self.objective.active_terms(progress))
+    def guided(self, x: torch.Tensor, at: _At) -> torch.Tensor:
+        s, sig, progress = self.s, float(at.sigma_in[0]), at.progress
         strength = s.forward_strength * s.schedule_factor(progress)
         # Where a(σ) ≈ 0 (flow at σ = 1, pure noise) x̂0 carries no information about x and the strength unit
         # b²/a is unbounded: forward guidance starts at the next step (backward guidance still runs).
         if strength > 0 and self.param.a(sig) >= A_MIN:
-            x0, grad, loss = self._gradient(x, sigma, progress)
+            x0, grad, loss = self._gradient(x, at)
             self.stats.updates += x0.shape[0]
             grad = _zero_nonfinite(grad, self.stats, "forward-guidance gradient")
-            guided = x0 - self._shift(x, x0, grad, loss, sig, strength, progress).to(x0.dtype)
+            guided = x0 - self._shift(x, x0, grad, loss, sig, strength, at).to(x0.dtype)
             ok = _finite_rows(guided)
             # a finite gradient whose update is not finite (e.g. past the fp16 range): also a skipped update
             self.stats.skip_updates("forward-guidance update", int((~ok & _finite_rows(x0)).sum()))
-            x0 = torch.where(ok.view(-1, *([1] * (x0.dim() - 1))), guided, x0)
+            x0 = torch.where(_rows(ok, x0), guided, x0)
         else:
-            x0 = self.plain(x, sigma)
+            x0 = self.plain(x, at.sigma_in)
         if s.backward_steps > 0 and self.objective.active(progress, ("image",)):
-            x0 = x0 + self._backward(x0, progress)
+            x0 = x0 + self._backward(x0, at)
         return x0
 
     def _grad(self, loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -454,14 +480,13 @@ class _Step:
         scale = self.loss_scale
         if scale == 1.0:
             return _input_grad(loss, leaf)
-        view = (-1,) + (1,) * (leaf.dim() - 1)
         grad = done = None
         backoffs = 0
         while True:
             last = scale <= 1.0
             g = _input_grad(loss * scale, leaf, retain_graph=not last).float() / scale
             ok = _finite_rows(g)
-            grad, done = (g, ok) if grad is None else (torch.where(done.view(view), grad, g), done | ok)
+            grad, done = (g, ok) if grad is None else (torch.where(_rows(done, g), grad, g), done | ok)
             if last or bool(done.all()):
                 break
             backoffs += 1
@@ -472,9 +497,9 @@ class _Step:
         self.loss_scale = self.stats.loss_scale = scale
         return grad.to(leaf.dtype)
 
-    def _shift(self, x, x0, grad, loss, sig: float, strength: float, progress: float) -> torch.Tensor:
+    def _shift(self, x, x0, grad, loss, sig: float, strength: float, at: _At) -> torch.Tensor:
         """The change of x̂0 for this strength mode, capped at ``max_step·‖ε̂‖`` of noise per image."""
-        s, view = self.s, (-1,) + (1,) * (x0.dim() - 1)
+        s = self.s
         eps = self.param.noise_of(x, x0, sig) if sig > 0 else torch.zeros_like(x0)
         eps_norm = _per_sample_norm(eps)
         g_norm = _per_sample_norm(grad)
@@ -487,7 +512,7 @@ class _Step:
             rho = torch.where(g_norm < 1e-6, torch.zeros_like(g_norm), strength * eps_norm / g_norm.clamp_min(1e-6) ** 2)
             shift = to_x0 * rho.to(grad.dtype) * grad
         else:  # polyak_loss: the classical step with the terms' floor as f*
-            gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+            gap = _rows((loss.detach().float() - self.objective.floor(at.progress)).clamp_min(0.0), grad)
             shift = (strength * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad
             shift = torch.where(g_norm < 1e-6, torch.zeros_like(shift), shift)
         if s.max_step > 0 and sig > 0:
@@ -497,19 +522,21 @@ class _Step:
             if bool(over.any()):
                 self.stats.capped_updates += int(over.sum())
                 shift = torch.where(over, shift * (limit / size.clamp_min(1e-30)).to(shift.dtype), shift)
-        return self._bound(shift, sig)
+        return self._bound(shift, sig, at)
 
-    def _bound(self, shift: torch.Tensor, sig: float) -> torch.Tensor:
+    def _edits_internals(self, progress: float) -> bool:
+        return any(t.kind == "internal" for t in self.objective.active_terms(progress))
+
+    def _bound(self, shift: torch.Tensor, sig: float, at: _At) -> torch.Tensor:
         """``shift`` scaled down per image so that the next sample moves by at most ``step_bound·b(σ_next)`` RMS
         and x̂0 by at most ``x0_bound`` RMS (``Settings.step_bound``); counted in ``Stats``."""
-        s, p, sig_next = self.s, self.param, getattr(self, "_sigma_next", None)
+        s, p, sig_next = self.s, self.param, at.sigma_next
         if not s.bounds_update or sig_next is None or not sig > 0:
             return shift
-        view = (-1,) + (1,) * (shift.dim() - 1)
         rms = shift.detach().flatten(1).float().pow(2).mean(dim=1).sqrt()
         limit = torch.full_like(rms, math.inf)
         by_x0 = torch.zeros_like(rms, dtype=torch.bool)
-        if s.step_bound > 0 and sig_next > 0 and (s.step_bound_image or getattr(self, "_edits_internals", True)):
+        if s.step_bound > 0 and sig_next > 0 and (s.step_bound_image or self._edits_internals(at.progress)):
             carry = abs(p.a(sig_next) - p.b(sig_next) * p.a(sig) / p.b(sig))   # Δx_{i+1} = carry·Δx̂0
             if carry > 0:
                 limit = limit.clamp_max(s.step_bound * p.b(sig_next) / carry)
@@ -525,12 +552,13 @@ class _Step:
         self.stats.bound_acted += int(over.sum())
         self.stats.bound_x0_acted += int((over & by_x0).sum())
         self.stats.bound_min_scale = min(self.stats.bound_min_scale, float(scale.min()))
-        return shift * scale.view(view).to(shift.dtype)
+        return shift * _rows(scale, shift).to(shift.dtype)
 
-    def _gradient(self, x: torch.Tensor, sigma: torch.Tensor, progress: float):
+    def _gradient(self, x: torch.Tensor, at: _At):
         """``(x̂0, ∇ loss, loss)`` with one denoiser and at most one decoder forward+backward (∇ w.r.t. x or
         x̂0)."""
-        request = self.objective.capture_request(progress)
+        sigma = at.sigma_in
+        request = self.objective.capture_request(at.progress)
         with torch.enable_grad():
             if self.s.jacobian:
                 leaf = x.detach().requires_grad_(True)
@@ -541,30 +569,26 @@ class _Step:
                     x0, internals = self.denoise(leaf, sigma, capture=request)
                 else:
                     x0 = self.denoise(leaf, sigma)
-                loss = self.loss(x0, progress, internals=internals)
+                loss = self.loss(x0, at, internals=internals)
             else:
                 x0 = self.plain(x, sigma).detach()
                 leaf = x0.requires_grad_(True)
-                loss = self.loss(leaf, progress, kinds=("image",))
-            self.stats.losses.append(loss.detach().float().cpu())
+                loss = self.loss(leaf, at, kinds=("image",))
             grad = self._grad(loss, leaf)
         return x0.detach(), grad, loss.detach()
 
-    def _backward(self, x0: torch.Tensor, progress: float) -> torch.Tensor:
-        s = self.s
+    def _backward(self, x0: torch.Tensor, at: _At) -> torch.Tensor:
+        s, progress = self.s, at.progress
         delta = torch.zeros_like(x0, requires_grad=True)
         if s.backward_optimizer == "adam":
             opt = torch.optim.Adam([delta], lr=s.backward_lr)
         else:  # sgd, and polyak: SGD with lr 1 on the rescaled gradient lr·(L − f*)/‖∇‖²·∇
             opt = torch.optim.SGD([delta], lr=s.backward_lr if s.backward_optimizer == "sgd" else 1.0)
         running = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
-        view = (-1,) + (1,) * (x0.dim() - 1)
-        where = self.where
         for j in range(s.backward_steps):
             self.interrupt()
-            self.where = {**where, "inner": j}
             with torch.enable_grad():
-                loss = self.loss(x0 + delta, progress, phase="backward", kinds=("image",))
+                loss = self.loss(x0 + delta, at, phase="backward", kinds=("image",), inner=j)
                 if s.backward_early_stop > 0:
                     running = running & (loss.detach() >= s.backward_early_stop)
                     if not bool(running.any()):
@@ -574,7 +598,7 @@ class _Step:
             self.stats.updates += int(running.sum())
             grad = _zero_nonfinite(grad, self.stats, "backward-guidance gradient")
             if s.backward_optimizer == "polyak":
-                gap = (loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0).view(view)
+                gap = _rows((loss.detach().float() - self.objective.floor(progress)).clamp_min(0.0), grad)
                 g_norm = _per_sample_norm(grad)
                 grad = torch.where(g_norm < 1e-6, torch.zeros_like(grad),
                                    (s.backward_lr * gap / g_norm.clamp_min(1e-6) ** 2).to(grad.dtype) * grad)
@@ -584,9 +608,8 @@ class _Step:
             with torch.no_grad():
                 finite = _finite_rows(delta)
                 self.stats.skip_updates("backward-guidance update", int((running & ~finite).sum()))
-                keep = (running & finite).view(view)
+                keep = _rows(running & finite, delta)
                 delta.copy_(torch.where(keep, delta, before))
-        self.where = where
         return delta.detach()
 
 
@@ -704,8 +727,8 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         s_in = sigmas[i] * ones
         for r in range(repeats):
             interrupt()
-            step.where = {"step": i, "repeat": r, "sigma": sigma}
-            x0 = step.guided(x, s_in, progress, sigma_next) if guided else step.plain(x, s_in)
+            at = _At(i, r, sigma, s_in, sigma_next, progress)
+            x0 = step.guided(x, at) if guided else step.plain(x, s_in)
             x_next = parameterization.step(x, x0, sigma, sigma_next)
             if r < repeats - 1:
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")
@@ -713,7 +736,7 @@ def sample_universal(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                 x = parameterization.renoise(x_next, sigma_next, sigma, noise.to(x.device, x.dtype))
                 if not bool(_finite_rows(x).all()):
                     stats.warn_nonfinite("re-noised latent", int((~_finite_rows(x)).sum()))
-                    x = torch.where(_finite_rows(x).view(-1, *([1] * (x.dim() - 1))), x, x_before)
+                    x = torch.where(_rows(_finite_rows(x), x), x, x_before)
             done += 1
             stats.iterations += 1
             if on_iteration is not None:

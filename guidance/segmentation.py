@@ -120,12 +120,7 @@ def mask_to_class_map(mask: torch.Tensor, class_name: Union[str, int], *, outsid
     """
     if outside not in ("background", "ignore"):
         raise ValueError(f"outside must be 'background' or 'ignore', got {outside!r}")
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0)
-    if mask.dim() == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.dim() != 3:
-        raise ValueError(f"mask must be [H,W], [B,H,W] or [B,1,H,W], got shape {tuple(mask.shape)}")
+    mask = _as_bhw(mask, "mask must be [H,W], [B,H,W] or [B,1,H,W]")
     cls = voc_class_index(class_name)
     fill = 0 if outside == "background" else IGNORE_INDEX
     inside = mask.float() > threshold
@@ -190,13 +185,18 @@ def _as_class_map(target: torch.Tensor) -> torch.Tensor:
     if target.is_floating_point():
         if not torch.equal(target, target.round()):
             raise ValueError("target class map must hold integer class indices (got fractional values)")
-    if target.dim() == 2:
-        target = target.unsqueeze(0)
-    if target.dim() == 4 and target.shape[1] == 1:
-        target = target[:, 0]
-    if target.dim() != 3:
-        raise ValueError(f"target class map must be [H,W] or [B,H,W], got shape {tuple(target.shape)}")
-    return target.long()
+    return _as_bhw(target, "target class map must be [H,W] or [B,H,W]").long()
+
+
+def _as_bhw(t: torch.Tensor, rule: str) -> torch.Tensor:
+    """``[H,W]``, ``[B,H,W]`` or ``[B,1,H,W]`` as ``[B,H,W]``; any other shape raises ``rule`` with the shape."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() == 4 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 3:
+        raise ValueError(f"{rule}, got shape {tuple(t.shape)}")
+    return t
 
 
 REDUCTIONS = ("all", "labelled")
@@ -242,12 +242,6 @@ class SegmentationLoss(NetworkLoss):
         super().prepare(device, dtype)
         self._cache = {}
         return self
-
-    def reset(self) -> None:
-        pass
-
-    def report(self) -> Optional[str]:
-        return None
 
     def target_for(self, size, device) -> torch.Tensor:
         """The target map at ``size`` (H, W) on ``device`` (nearest-neighbour resize, cached)."""

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .clip import ClipImageEncoder, _as_bchw
+from .clip import ClipImageEncoder, EncoderLoss, _as_bchw
 
 
 def default_gram_layers(model: torch.nn.Module) -> list:
@@ -32,7 +32,7 @@ def default_gram_layers(model: torch.nn.Module) -> list:
     raise ValueError(f"cannot choose Gram layers for {type(visual).__name__}; pass gram_layers=[...]")
 
 
-class StyleLoss:
+class StyleLoss(EncoderLoss):
     """Style guidance loss; see the module doc. ``model``: an open_clip model (``guidance.clip.load_clip``).
     ``style_image``: ``[B,3,H,W]`` or ``[3,H,W]`` in [0, 1] (several images: embeddings and Grams averaged).
     ``gram_layers``: names of modules inside ``model.visual`` (default ``default_gram_layers``). Cutout options
@@ -73,21 +73,11 @@ class StyleLoss:
             self.style_embedding = emb.clone()  # [1, D]
             self.style_grams = [g.float().mean(dim=0, keepdim=True).clone() for g in grams]  # [1, C, C] each
 
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
-
     def prepare(self, device, dtype: Optional[torch.dtype] = None) -> "StyleLoss":
         self.encoder.prepare(device, dtype)
         self.style_embedding = self.style_embedding.to(device)
         self.style_grams = [g.to(device) for g in self.style_grams]
         return self
-
-    def reset(self) -> None:
-        self.encoder.reset()
-
-    def report(self) -> Optional[str]:
-        return None
 
     def _gram(self, feat: torch.Tensor) -> torch.Tensor:
         if isinstance(feat, (tuple, list)):

@@ -1,4 +1,11 @@
-"""Everything the engine needs from ComfyUI, and every ComfyUI trap handled in one place.
+"""The engine run inside ComfyUI's sampling: the SAMPLER function (``make_sampler_function``) and the host traps it
+handles. What a guided call does differently (CFG branch, checkpointing, precision) is in ``guided_calls``, the
+memory estimate in ``memory_plan``, the attention capture of self-guidance in ``attention_capture``.
+
+A run, in order: ``_plan_run`` checks the inputs against the model, plans the memory and loads the model and the
+decoder; ``_normal_inputs`` and ``autograd_session`` make inputs and models usable under autograd (and put the models
+back afterwards); ``_denoiser`` is the engine's denoiser call; ``_user_errors`` turns what the user can act on into
+``GuidanceInputError``; ``_summary_lines`` is the run's report.
 
 * Autograd inside the executor: the executor runs nodes under ``torch.inference_mode()``; guidance runs under
   ``inference_mode(False)`` with inputs cloned to normal tensors.
@@ -24,12 +31,15 @@
   Tensor subclasses other than ``Parameter`` (e.g. other packs' quantized weights) cannot be aliased by storage
   without losing their type: they are still copied, and their bytes are counted (``TrainableWeights.created_bytes``,
   logged after each run).
-* The 2024-03 UNet's in-place ``x += n`` in its transformer block: on such hosts the activations the denoiser
-  saves for backward are copied (``saved_tensor_guard``, around the denoiser call only).
+* In-place writes to activations saved for backward (``saved_tensor_guard``, around the denoiser call only): the
+  UNet's ``x += n`` in its transformer block (hosts before 2025-06) and a ControlNet's or T2I adapter's ``control``
+  added in place: every activation on the gradient path is copied; blocks that add their residual in place to
+  their input (Flux-style blocks): only the tensors saved from those inputs.
 * Differentiable decode: ``first_stage_model.decode`` on ``process_latent_out`` latents, mapped [-1,1]→[0,1]
   without the clamp of ``VAE.decode`` (and without its inference-mode tiled OOM fallback).
-* UNet and VAE are loaded together with ``load_models_gpu``; progress counts steps × k; previews are detached;
-  the interrupt flag is checked in every inner loop.
+* The diffusion model and the VAE (only where an image term decodes) are loaded together with ``load_models_gpu``,
+  with the memory of a guided iteration reserved; progress counts steps × k; previews are of the detached x̂0;
+  the interrupt flag is checked in every iteration and every backward-guidance step.
 """
 from __future__ import annotations
 
@@ -49,12 +59,9 @@ import comfy.utils
 
 from ..guidance import FLOW, VE, Settings, Stats, sample_universal, total_iterations
 from . import guided_calls, memory_plan
+from .errors import GuidanceInputError
 
 log = logging.getLogger("universal_guidance")
-
-
-class GuidanceInputError(ValueError):
-    """A user-facing error; the message names the node and the input and says what to do."""
 
 
 def parameterization_of(base_model, node: str):
@@ -596,6 +603,182 @@ def _with_autocast(guidance, device):
     return type(guidance)(terms)
 
 
+@dataclasses.dataclass
+class _Run:
+    """One sampler call's inputs, checked against the model, with the memory planned and the models loaded."""
+
+    base: object              # the diffusion model (ComfyUI's BaseModel)
+    parameterization: object  # VE or FLOW
+    guidance: object          # the run's guidance: self-guidance terms bound to this model (prepare_internal_terms)
+    unet: object              # the UNet whose attention self-guidance reads (None without such terms)
+    context_length: object    # the context length the terms' token positions refer to (None without such terms)
+    decoder_vae: object       # the VAE that decodes x̂0 for the image terms (the guidance VAE, else the sampler's)
+    controls: list            # the conditioning's ControlNets / T2I adapters (_control_objects)
+    memory: object            # memory_plan's decision (low_memory, the line for the summary)
+
+
+def _plan_run(model, x, extra_args: dict, guidance, settings: Settings, vae, node: str, options: RunOptions) -> _Run:
+    """Check the inputs against the model (sampling type, self-guidance layers and prompts, guidance VAE, a backward
+    pass through the model's patches), plan the memory of a guided iteration and load the model and the decoder
+    together for it."""
+    base = model.inner_model.inner_model
+    parameterization = parameterization_of(base, node)
+    run_guidance, unet, context_length = prepare_internal_terms(guidance, base, x, node,
+                                                                positive_conds(model, extra_args))
+    decoder_vae = options.guidance_vae or vae
+    if options.guidance_vae is not None:
+        check_guidance_vae(options.guidance_vae, base, node)
+    through_model = settings.jacobian and settings.forward_strength > 0  # a gradient through the model
+    problem = guided_calls.backward_problem(getattr(base, "diffusion_model", base),
+                                            extra_args.get("model_options")) if through_model else None
+    if problem:
+        raise GuidanceInputError(f"{node}: input 'model': {problem}")
+    image_decoder = decoder_vae if guidance.has("image") else None
+    memory_need = memory_plan.plan(options.low_memory, base, image_decoder, x.shape,
+                                   _backward_batch(model, extra_args, x, options.cfg_branch), run_guidance,
+                                   x.device)
+    load_together(base, image_decoder, memory_need.reserve if options.low_memory != "auto"
+                  else memory_need.need_on + memory_need.networks)
+    memory_need = memory_plan.decide(memory_need, free_memory(x.device))
+    return _Run(base, parameterization, run_guidance, unet, context_length, decoder_vae,
+                _control_objects(model, extra_args), memory_need)
+
+
+class _Progress:
+    """ComfyUI's progress bar (with a preview of the latest x̂0) and the console bar, counting steps × k."""
+
+    def __init__(self, base, device, total: int, disable, callback, n_steps: int):
+        self.pbar = comfy.utils.ProgressBar(total)
+        self.console = _console_bar(total, disable)
+        self.previewer = _previewer(base, device)
+        self.callback, self.n_steps = callback, n_steps
+        self.latest = None
+
+    def step(self, info: dict) -> None:
+        self.latest = info["denoised"]
+        if self.callback is not None and info["i"] == self.n_steps - 1:
+            self.callback(info)  # lets SamplerCustom return its denoised output; progress is ours
+
+    def iteration(self, done: int, total: int) -> None:
+        preview = None
+        if self.previewer is not None and self.latest is not None:
+            try:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", self.latest)
+            except Exception:
+                preview = None
+        self.pbar.update_absolute(done, total, preview)
+        if self.console is not None:
+            self.console.update(1)
+
+    def close(self) -> None:
+        if self.console is not None:
+            self.console.close()
+
+
+def _normal_inputs(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict):
+    """``(x, sigmas, extra_args)`` as normal tensors (the executor made them inference tensors, which autograd
+    cannot save); the guider's ``latent_image`` / ``noise`` likewise. Call under ``inference_mode(False)``."""
+    for attr in ("latent_image", "noise"):
+        if isinstance(getattr(model, attr, None), torch.Tensor):
+            setattr(model, attr, _normal(getattr(model, attr)))
+    return x.clone(), sigmas.clone(), _normal(extra_args)
+
+
+def _denoiser(model, run: _Run, extra_args: dict, cfg_branch: str):
+    """``(denoise, branch)``: ``denoise(x, σ, capture=None)`` → x̂0 (CFG applied), or ``(x̂0, Internals)`` with a
+    ``CaptureRequest``, as the engine calls it; a call that needs a gradient goes through ``cfg_branch`` (``branch``:
+    the ``guided_calls.BranchRun``, None for ``combined``) with the activations it saves guarded
+    (``saved_tensor_guard``); a call without one is ComfyUI's plain call."""
+    guided_args = dict(extra_args)
+    branch = guided_calls.BranchRun(cfg_branch) if cfg_branch != "combined" else None
+    guided_args["model_options"] = guided_calls.with_branch(extra_args.get("model_options", {}), cfg_branch, branch)
+    layers_of = _layer_lookup(run.unet, run.guidance)
+
+    def denoise(x_in, sigma, capture=None):
+        def call(args):
+            with saved_tensor_guard(run.base, control=bool(run.controls)):
+                if capture is None:
+                    return model(x_in, sigma, **args)
+                from .attention_capture import captured_call
+                return captured_call(model, x_in, sigma, args, run.unet, layers_of(capture), run.context_length,
+                                     capture.features)
+
+        if not (torch.is_grad_enabled() and x_in.requires_grad):
+            return call(extra_args)
+        if branch is None:
+            return call(guided_args)
+        return branch.guided_call(call, guided_args, extra_args)
+
+    return denoise, branch
+
+
+@contextlib.contextmanager
+def autograd_session(run: _Run, weights: TrainableWeights, device, stats: Stats):
+    """The run's models made usable under autograd, and put back afterwards (call under ``inference_mode(False)``).
+
+    On entry: the guidance terms' per-run state is cleared and their networks moved to ``device``; the image terms
+    run under autocast on CUDA (``_with_autocast``); inference-tensor weights become aliases (``weights``). Yields
+    the guidance to run. On exit, also after an error: the original weights are back in the modules, the guidance
+    networks go back to ComfyUI's offload device (where that is not ``device``), and ``stats`` counts the bytes of
+    weight copies made."""
+    run.guidance.reset()
+    run.guidance.prepare(device)
+    guidance = _with_autocast(run.guidance, device)
+    weights.refresh()
+    try:
+        yield guidance
+    finally:
+        weights.restore()
+        if mm.unet_offload_device() != device:
+            memory_plan.release_networks(run.guidance, mm.unet_offload_device())
+        stats.weight_copy_bytes = weights.created_bytes
+
+
+def _checkpointing(run: _Run):
+    """Activation checkpointing of the denoiser's and the decoder's blocks where the memory plan chose low memory
+    (``guided_calls.low_memory``), else nothing."""
+    if not run.memory.low_memory:
+        return contextlib.nullcontext()
+    return guided_calls.low_memory(guided_calls.checkpoint_targets(
+        getattr(run.base, "diffusion_model", None), run.decoder_vae.first_stage_model,
+        _host_has_inplace_residual() or _model_has_inplace_residual(run.base)))
+
+
+def _loss_scale(run: _Run, device) -> float:
+    """The loss scale against fp16 gradient underflow, from the model's and the decoder's precision and the
+    autocast of the image terms (``guided_calls.loss_scale_for``)."""
+    autocast = guided_calls.autocast_dtype(device) if run.guidance.has("image") else None
+    return guided_calls.loss_scale_for(_compute_dtype(run.base), getattr(run.decoder_vae, "vae_dtype", None),
+                                       autocast)
+
+
+@contextlib.contextmanager
+def _user_errors(node: str):
+    """Errors the user can act on as ``GuidanceInputError`` naming ``node``: settings that do not fit the terms and
+    a non-finite output latent (ValueError), an operation without a backward pass."""
+    try:
+        yield
+    except ValueError as e:
+        raise GuidanceInputError(f"{node}: {e}") from None
+    except (RuntimeError, NotImplementedError) as e:
+        message = guided_calls.no_backward_message(e)
+        if message is None:
+            raise
+        raise GuidanceInputError(f"{node}: {message}") from e
+
+
+def _summary_lines(stats: Stats, seconds: float, weights: TrainableWeights, run: _Run, settings: Settings,
+                   branch, device) -> list:
+    """The run's summary: counts and time, weights, memory, the terms' reports, the sampler's notes, the bound."""
+    lines = [stats.summary(seconds), weights.summary(), run.memory.line(device)]
+    lines += run.guidance.reports()
+    lines += stats.notes(settings)
+    if not stats.bound_acted and stats.bound_checked:  # (a bound that acted is among the notes)
+        lines.append(stats.bound_line(settings))
+    lines += branch.notes() if branch is not None else []
+    return lines
+
+
 def make_sampler_function(guidance, settings: Settings, vae, node: str, report=None,
                           options: RunOptions = RunOptions()):
     """A k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER``.
@@ -605,125 +788,38 @@ def make_sampler_function(guidance, settings: Settings, vae, node: str, report=N
     @torch.no_grad()
     def sample_universal_guidance(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         extra_args = dict(extra_args or {})
-        base = model.inner_model.inner_model
-        parameterization = parameterization_of(base, node)
-        run_guidance, unet, context_length = prepare_internal_terms(guidance, base, x, node,
-                                                                    positive_conds(model, extra_args))
-        decoder_vae = options.guidance_vae or vae
-        if options.guidance_vae is not None:
-            check_guidance_vae(options.guidance_vae, base, node)
-        through_model = settings.jacobian and settings.forward_strength > 0  # a gradient through the model
-        problem = guided_calls.backward_problem(getattr(base, "diffusion_model", base),
-                                                extra_args.get("model_options")) if through_model else None
-        if problem:
-            raise GuidanceInputError(f"{node}: input 'model': {problem}")
-        image_decoder = decoder_vae if guidance.has("image") else None
-        memory_need = memory_plan.plan(options.low_memory, base, image_decoder, x.shape,
-                                       _backward_batch(model, extra_args, x, options.cfg_branch), run_guidance,
-                                       x.device)
-        load_together(base, image_decoder, memory_need.reserve if options.low_memory != "auto"
-                      else memory_need.need_on + memory_need.networks)
-        memory_need = memory_plan.decide(memory_need, free_memory(x.device))
+        run = _plan_run(model, x, extra_args, guidance, settings, vae, node, options)
         n_steps = len(sigmas) - 1
-        total = total_iterations(n_steps, run_guidance, settings)
-        pbar = comfy.utils.ProgressBar(total)
-        console = _console_bar(total, disable)
-        previewer = _previewer(base, x.device)
+        progress = _Progress(run.base, x.device, total_iterations(n_steps, run.guidance, settings), disable,
+                             callback, n_steps)
         stats = Stats()
-        controls = _control_objects(model, extra_args)
-        weights = TrainableWeights(getattr(base, "diffusion_model", base), decoder_vae.first_stage_model,
-                                   *added_modules(controls, extra_args.get("model_options")))
+        weights = TrainableWeights(getattr(run.base, "diffusion_model", run.base), run.decoder_vae.first_stage_model,
+                                   *added_modules(run.controls, extra_args.get("model_options")))
         generator = torch.Generator().manual_seed(_renoise_seed(extra_args.get("seed")))
-        latest = {}
 
         def on_step(info):
-            latest["denoised"] = info["denoised"]
-            if callback is not None and info["i"] == n_steps - 1:
-                callback(info)  # lets SamplerCustom return its denoised output; progress is ours
+            progress.step(info)
             weights.refresh()  # ComfyUI may have reloaded a model with inference weights in between
-
-        def on_iteration(done, total_):
-            preview = None
-            if previewer is not None and "denoised" in latest:
-                try:
-                    preview = previewer.decode_latent_to_preview_image("JPEG", latest["denoised"])
-                except Exception:
-                    preview = None
-            pbar.update_absolute(done, total_, preview)
-            if console is not None:
-                console.update(1)
 
         started = time.perf_counter()
         with torch.inference_mode(False):
-            x = x.clone()
-            sigmas = sigmas.clone()
-            extra_args = _normal(extra_args)
-            for attr in ("latent_image", "noise"):
-                if isinstance(getattr(model, attr, None), torch.Tensor):
-                    setattr(model, attr, _normal(getattr(model, attr)))
-            guided_args = dict(extra_args)
-            branch = guided_calls.BranchRun(options.cfg_branch) if options.cfg_branch != "combined" else None
-            guided_args["model_options"] = guided_calls.with_branch(extra_args.get("model_options", {}),
-                                                                    options.cfg_branch, branch)
-            layers_of = _layer_lookup(unet, run_guidance)
-
-            def denoise(x_in, sigma, capture=None):
-                def call(args):
-                    with saved_tensor_guard(base, control=bool(controls)):
-                        if capture is None:
-                            return model(x_in, sigma, **args)
-                        from .attention_capture import captured_call
-                        return captured_call(model, x_in, sigma, args, unet, layers_of(capture), context_length,
-                                             capture.features)
-
-                if not (torch.is_grad_enabled() and x_in.requires_grad):
-                    return call(extra_args)
-                if branch is None:
-                    return call(guided_args)
-                return branch.guided_call(call, guided_args, extra_args)
-
-            run_guidance.reset()
-            run_guidance.prepare(x.device)
-            run_guidance_ac = _with_autocast(run_guidance, x.device)
-            weights.refresh()
-            memory = contextlib.nullcontext()
-            if memory_need.low_memory:
-                memory = guided_calls.low_memory(guided_calls.checkpoint_targets(
-                    getattr(base, "diffusion_model", None), decoder_vae.first_stage_model,
-                    _host_has_inplace_residual() or _model_has_inplace_residual(base)))
-            autocast = guided_calls.autocast_dtype(x.device) if guidance.has("image") else None
-            scale = guided_calls.loss_scale_for(_compute_dtype(base), getattr(decoder_vae, "vae_dtype", None),
-                                                autocast)
+            x, sigmas, extra_args = _normal_inputs(model, x, sigmas, extra_args)
+            denoise, branch = _denoiser(model, run, extra_args, options.cfg_branch)
             try:
-                with memory:
-                    out = sample_universal(
-                        denoise, x, sigmas, guidance=run_guidance_ac, decode=make_decoder(decoder_vae, base, node),
-                        settings=settings, parameterization=parameterization, callback=on_step,
-                        on_iteration=on_iteration, interrupt=mm.throw_exception_if_processing_interrupted,
-                        generator=generator, stats=stats, loss_scale=scale)
-                undecodable = undecodable_output(vae, base, out, node)
-            except ValueError as e:  # settings that do not fit the terms, a non-finite output latent
-                raise GuidanceInputError(f"{node}: {e}") from None
-            except (RuntimeError, NotImplementedError) as e:  # an operation without a backward pass
-                message = guided_calls.no_backward_message(e)
-                if message is None:
-                    raise
-                raise GuidanceInputError(f"{node}: {message}") from e
+                with autograd_session(run, weights, x.device, stats) as run_guidance, _user_errors(node):
+                    with _checkpointing(run):
+                        out = sample_universal(
+                            denoise, x, sigmas, guidance=run_guidance,
+                            decode=make_decoder(run.decoder_vae, run.base, node), settings=settings,
+                            parameterization=run.parameterization, callback=on_step,
+                            on_iteration=progress.iteration, interrupt=mm.throw_exception_if_processing_interrupted,
+                            generator=generator, stats=stats, loss_scale=_loss_scale(run, x.device))
+                    undecodable = undecodable_output(vae, run.base, out, node)
             finally:
-                weights.restore()
-                if mm.unet_offload_device() != x.device:
-                    memory_plan.release_networks(run_guidance, mm.unet_offload_device())
-                stats.weight_copy_bytes = weights.created_bytes
-                if console is not None:
-                    console.close()
+                progress.close()
             if undecodable:
                 raise GuidanceInputError(f"{node}: {undecodable}")
-            lines = [stats.summary(time.perf_counter() - started), weights.summary(), memory_need.line(x.device)]
-            lines += run_guidance.reports()
-            lines += stats.notes(settings)
-            if not stats.bound_acted and stats.bound_checked:  # (a bound that acted is among the notes)
-                lines.append(stats.bound_line(settings))
-            lines += branch.notes() if branch is not None else []
+            lines = _summary_lines(stats, time.perf_counter() - started, weights, run, settings, branch, x.device)
             for line in lines:
                 log.info("Universal Guidance: %s", line)
             if report is not None:

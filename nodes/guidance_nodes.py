@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..guidance import Guidance, GuidanceTerm, ImageLoss
 from ..guidance.preprocess import to_bchw
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .validation import CheckedNode
 
 CATEGORY = "sampling/universal guidance/losses"

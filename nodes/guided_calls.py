@@ -1,7 +1,8 @@
 """What a guided denoiser or decoder call does differently from a plain one, in ComfyUI: which CFG branch carries
 the gradient, activation checkpointing (``low_memory``), and precision (guidance networks under autocast on CUDA,
-loss scaling for half-precision models, operations that have no backward pass). Each is installed for the run only
-and undone afterwards.
+loss scaling for half-precision models, operations that have no backward pass). Nothing here changes the cached
+model for longer than a run: the CFG branch goes into a copy of the run's model options, checkpointing wraps module
+instances' ``forward`` only inside ``low_memory``, autocast wraps the image terms of the run's own ``Guidance``.
 """
 from __future__ import annotations
 

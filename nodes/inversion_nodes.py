@@ -16,7 +16,8 @@ import comfy.utils
 import comfy.model_management as mm
 
 from ..guidance.inversion import Trajectory, invert
-from .comfy_bridge import GuidanceInputError, _normal, parameterization_of, sigmas_for
+from .comfy_bridge import _normal, parameterization_of, sigmas_for
+from .errors import GuidanceInputError
 from .validation import CheckedNode
 
 INVERSION_KEY = "ug_inversion"

@@ -27,7 +27,7 @@ import os
 import folder_paths
 
 from ..guidance.download import WEIGHT_FILES, ensure_weight_file, weight_files
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 
 EXTENSIONS = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 FOLDERS = {

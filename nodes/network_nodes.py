@@ -15,7 +15,7 @@ from .. import guidance as G
 from ..guidance.download import WEIGHT_FILES
 from ..guidance.preprocess import to_bchw
 from . import model_files
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .guidance_nodes import AUGMENT_INPUT, CHAIN_INPUT, LossNode, add_term, term_inputs
 
 AUTO = "auto (from file)"
@@ -286,15 +286,11 @@ class UniversalGuidanceFace(LossNode):
         path = model_files.resolve("ug_face", model, node, "model")
         try:
             net = cached_network(("face", path), lambda: F.load_face_model(path))
-        except ImportError as e:
-            raise _fail(node, "model", e) from None
-        except (ValueError, RuntimeError) as e:
+        except (ImportError, ValueError, RuntimeError) as e:
             raise _fail(node, "model", e) from None
         try:
             term = F.FaceLoss(net, to_bchw(reference), loss=loss, crop=crop)
-        except ImportError as e:
-            raise _fail(node, "reference", e) from None
-        except ValueError as e:
+        except (ImportError, ValueError) as e:
             raise _fail(node, "reference", e) from None
         return add_term(node, guidance, "face", term, weight, start_percent, end_percent, augment)
 

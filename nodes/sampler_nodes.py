@@ -8,7 +8,7 @@ import comfy.utils
 from ..guidance import Guidance, Settings
 from ..guidance.sampler import OPTIMIZERS, SCHEDULES, STRENGTH_MODES
 from . import comfy_bridge, memory_plan, run_report, validation
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .guidance_nodes import window_problem
 from .validation import CheckedNode
 
@@ -279,16 +279,20 @@ class UniversalGuidanceSampler(CheckedNode):
         return knob_problems(values)
 
     def get_sampler(self, vae, guidance, options=None, prompt=None, unique_id=None, **knobs):
-        node = self.NAME
-        knobs = knob_values(node, knobs, options, prompt, unique_id)
-        guidance = check_guidance(node, guidance)
-        vae = check_vae(node, vae)
-        settings = settings_from(node, **knobs)
-        runs = run_report.RunLog()
-        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
-                                        options=options_from(node, **knobs))
-        sampler.ug_runs = runs  # read by UG Run Report
-        return (sampler,)
+        return (guided_sampler(self.NAME, vae, guidance, knobs, options, prompt, unique_id),)
+
+
+def guided_sampler(node: str, vae, guidance, knobs: dict, options, prompt, unique_id):
+    """The SAMPLER of a node's guided runs, its inputs checked; ``sampler.ug_runs`` logs each run (for the report)."""
+    knobs = knob_values(node, knobs, options, prompt, unique_id)
+    guidance = check_guidance(node, guidance)
+    vae = check_vae(node, vae)
+    settings = settings_from(node, **knobs)
+    runs = run_report.RunLog()
+    sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
+                                    options=options_from(node, **knobs))
+    sampler.ug_runs = runs  # read by UG Run Report
+    return sampler
 
 
 def knob_values(node: str, knobs: dict, options, prompt, unique_id) -> dict:
@@ -390,17 +394,11 @@ class UniversalGuidanceKSampler(CheckedNode):
     def sample(self, model, positive, negative, latent_image, vae, guidance, seed, steps, cfg, scheduler,
                denoise, options=None, prompt=None, unique_id=None, **knobs):
         node = self.NAME
-        knobs = knob_values(node, knobs, options, prompt, unique_id)
-        guidance = check_guidance(node, guidance)
-        vae = check_vae(node, vae)
-        settings = settings_from(node, **knobs)
-        runs = run_report.RunLog()
+        sampler = guided_sampler(node, vae, guidance, knobs, options, prompt, unique_id)
         if denoise <= 0:
             line = "denoise 0: nothing was sampled or guided; the latent is returned unchanged"
             comfy_bridge.log.info("Universal Guidance: %s", line)
             return (latent_image, run_report.render([], [line], steps=steps))
-        sampler = comfy_bridge.ksampler(guidance, settings, vae, node, report=report_to(runs, guidance, settings),
-                                        options=options_from(node, **knobs))
         sigmas = comfy_bridge.sigmas_for(model, scheduler, steps, denoise)
         latent = latent_image["samples"]
         if hasattr(comfy.sample, "fix_empty_latent_channels"):
@@ -412,5 +410,6 @@ class UniversalGuidanceKSampler(CheckedNode):
             seed=seed)
         out = latent_image.copy()
         out["samples"] = samples
-        report = render_run(runs.runs[-1], f"{node} run") if runs.runs else run_report.render([], [], steps=steps)
+        runs = sampler.ug_runs.runs
+        report = render_run(runs[-1], f"{node} run") if runs else run_report.render([], [], steps=steps)
         return (out, report)

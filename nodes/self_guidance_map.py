@@ -9,7 +9,7 @@ import comfy.samplers
 
 from ..guidance import selfguidance as sg
 from . import attention_capture as ac
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .tokens import token_positions
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..guidance import selfguidance as sg
 from . import attention_capture as ac
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
 from .validation import CheckedNode
 from .tokens import PromptCheck, encode_text, prompt_of_conditioning, split_words, token_positions

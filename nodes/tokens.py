@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 
 
 # The CLIP encoders' keys in ComfyUI's tokenizer output (SD1: l; SD2: h; SDXL/SD3: g and l). Other encoders of a

@@ -17,7 +17,7 @@ import inspect
 import math
 import numbers
 
-from .comfy_bridge import GuidanceInputError
+from .errors import GuidanceInputError
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 _SHOWN_CHOICES = 12

@@ -5,7 +5,10 @@ real images (weights stay random): without that a random deep net maps every inp
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +60,57 @@ def calibration_images(size):
     return torch.cat([smooth_image(4, size, seed=9), coffee(size), astronaut(size)])
 
 
+TINY_VIT = "UG-tiny-ViT"
+TINY_RN = "UG-tiny-RN"
+
+_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+_TINY_CONFIGS = {
+    "vit": {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+            "text_cfg": _TEXT_CFG},
+    "resnet": {"embed_dim": 32,
+               "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16,
+                              "patch_size": None},
+               "text_cfg": _TEXT_CFG},
+}
+_config_dir: Optional[str] = None
+
+
+def register_tiny_clip_config(name: Optional[str] = None, *, vision: str = "vit") -> str:
+    """Register a tiny open_clip architecture and return its name (idempotent).
+
+    ``vision="vit"`` → ``"UG-tiny-ViT"``: ViT, width 32, 2 layers, 32×32 images, patch 8. ``vision="resnet"`` →
+    ``"UG-tiny-RN"``: open_clip's ModifiedResNet (the RN50 family) with one block per stage, width 8, 64×64
+    images. Both share a 2-layer, width-32 text tower with the standard vocabulary (49408) and context (77), so
+    ``open_clip.get_tokenizer(name)`` is the usual offline BPE tokenizer. The config is written as JSON to a
+    temporary folder and registered with ``open_clip.add_model_config``; afterwards
+    ``open_clip.create_model(name)`` and ``guidance.clip.load_clip(name, ...)`` work in this process.
+    """
+    global _config_dir
+    import open_clip
+
+    if vision not in _TINY_CONFIGS:
+        raise ValueError(f"vision must be 'vit' or 'resnet', got {vision!r}")
+    name = name or (TINY_VIT if vision == "vit" else TINY_RN)
+    cfg = _TINY_CONFIGS[vision]
+    if name in open_clip.list_models():
+        if open_clip.get_model_config(name) == cfg:
+            return name
+    if _config_dir is None:
+        _config_dir = tempfile.mkdtemp(prefix="ug_open_clip_configs_")
+    path = os.path.join(_config_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    open_clip.add_model_config(path)
+    return name
+
+
 def write_tiny_clip(folder: str, vision: str = "vit", seed: int = 0) -> tuple:
     """A tiny open_clip model (registered config) saved as ``<arch>-random.safetensors``: ``(arch, path)``."""
     import open_clip
     from safetensors.torch import save_file
 
-    from guidance import clip as ug_clip
-    name = ug_clip.register_tiny_clip_config(vision=vision)
+    name = register_tiny_clip_config(vision=vision)
     torch.manual_seed(seed)
     model = open_clip.create_model(name)
     if vision != "vit":

@@ -188,7 +188,7 @@ def test_unsupported_model_type_is_refused(host):
     class Base:
         model_sampling = Other()
 
-    with pytest.raises(bridge.GuidanceInputError, match="input 'model'.*not supported"):
+    with pytest.raises(host_module(host, "nodes.errors").GuidanceInputError, match="input 'model'.*not supported"):
         bridge.parameterization_of(Base(), "Universal KSampler")
     assert comfy.model_sampling.EPS is not None
 

@@ -80,7 +80,7 @@ def descend(loss_fn, image, steps=4, lr=0.02):
 @pytest.fixture(scope="module")
 def tiny_vit_file(tmp_path_factory):
     import open_clip
-    name = ug_clip.register_tiny_clip_config()
+    name = rn.register_tiny_clip_config()
     torch.manual_seed(0)
     model = open_clip.create_model(name)
     path = tmp_path_factory.mktemp("clip") / "tiny-vit.safetensors"
@@ -92,7 +92,7 @@ def tiny_vit_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_rn_file(tmp_path_factory):
     import open_clip
-    name = ug_clip.register_tiny_clip_config(vision="resnet")
+    name = rn.register_tiny_clip_config(vision="resnet")
     torch.manual_seed(1)
     model = perturb_(open_clip.create_model(name), scale=0.5)
     from guidance.preprocess import CLIP_MEAN, CLIP_STD, normalize
@@ -136,7 +136,7 @@ def test_clip_loader_reads_trusted_torchscript_archives_with_quickgelu(tmp_path,
 
     import open_clip
     from open_clip.transformer import QuickGELU
-    name = ug_clip.register_tiny_clip_config()
+    name = rn.register_tiny_clip_config()
     source = open_clip.create_model(name, force_quick_gelu=True)
     path = tmp_path / "ViT-tiny-openai-style.pt"
     with warnings.catch_warnings():
@@ -172,13 +172,13 @@ def test_code_running_torchscript_archive_is_refused_and_runs_nothing(tmp_path, 
 
 def test_clip_loader_errors(tiny_vit_file, tmp_path):
     name, path, _ = tiny_vit_file
-    rn = ug_clip.register_tiny_clip_config(vision="resnet")
+    resnet = rn.register_tiny_clip_config(vision="resnet")
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         ug_clip.load_clip("ViT-Q-99", path)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         ug_clip.load_clip(name, str(tmp_path / "missing.safetensors"))
     with pytest.raises(RuntimeError, match="tiny-vit.safetensors.*does not fit"):
-        ug_clip.load_clip(rn, path)
+        ug_clip.load_clip(resnet, path)
     pickled = tmp_path / "pickled.pt"
     torch.save({"a": [1, 2]}, pickled)
     with pytest.raises(RuntimeError, match="pickled.pt"):

@@ -228,6 +228,20 @@ def test_reference_latent_is_noised_to_each_sigma():
         assert feats.shape[0] == 3
 
 
+def test_reference_passes_cover_the_steps_that_need_them():
+    """The cost of references as the sampler states it: a reference latent is one no-grad pass per guided step that
+    needs it; the twin ("original") one per step from the first step to the last that needs it, so the unguided
+    steps before a late window pay a second denoiser call each."""
+    z_ref = torch.full((1, 1, 16, 16), 2.0)
+    for reference, window, passes in (("original", (0.5, 1.0), 8), ("original", (0.0, 0.5), 4),
+                                      (z_ref, (0.5, 1.0), 4)):
+        stats = Stats()
+        run(term(sg.KeepShapeLoss([1], reference=reference), 1.0, *window), Settings(forward_strength=0.1),
+            stats=stats)
+        assert stats.reference_calls == passes, (reference, window)
+        assert stats.denoiser_calls == 8 + passes  # one call per step (k = 1) plus the reference passes
+
+
 def test_auto_layers_count_the_most_compact_map_per_token():
     """Layer x: token 0 compact (a blob), token 1 diffuse; layer y the reverse. "auto" uses, per token, the layer
     where its map is compact: the loss equals the mean of the two compact maps' losses."""
