@@ -116,7 +116,7 @@ bench-gpu: host-deps
 
 # GPU memory of one image-guided iteration (SD1.5 512², SDXL / SD3.5-medium / SD3.5-large / Flux-dev 1024²; VAE and
 # TAESD decoders; low_memory off/on), counted with ComfyUI v0.3.64's model classes on the meta device, plus the check
-# against real tensors (SD1.5 at 256², fp32, CPU): out/bench/memory.json and the README table. CPU only, a few minutes.
+# against real tensors (SD1.5 at 256², fp32, CPU): out/bench/memory.json and the table of docs/performance-and-memory.md. CPU only, a few minutes.
 BENCH_MEMORY_ARGS ?=
 bench-memory: venv
 	@if [ -z "$(COMFYUI_PATH)" ] && [ ! -f "$(CURRENT_HOST)/nodes.py" ]; then \

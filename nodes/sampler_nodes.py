@@ -15,8 +15,8 @@ from .validation import CheckedNode
 CATEGORY = "sampling/universal guidance"
 
 # The guidance knobs shared by both sampler nodes, in widget order. Tooltips say in words what a knob does, a
-# typical range and which way to turn it; the formulas are in the README's 'Guidance knobs' table.
-MATHS = " Formulas: README, 'Guidance knobs'."
+# typical range and which way to turn it; the formulas are in docs/nodes.md, 'Guidance knobs'.
+MATHS = " Formulas: docs/nodes.md, 'Guidance knobs'."
 GUIDANCE_KNOBS = {
     "forward_strength": ("FLOAT", {
         "default": 1.0, "min": 0.0, "max": 1.0e6, "step": 0.01,

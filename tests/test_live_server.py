@@ -439,7 +439,7 @@ def test_queueing_a_workflow_with_bad_inputs_shows_the_error_dialog(server, page
     close_dialogs(page)
 
 
-# Workflows pictured in the README (current frontend), rewritten when missing or with UG_UPDATE_SCREENSHOT=1.
+# Workflows pictured in docs/workflows.md (current frontend), rewritten when missing or with UG_UPDATE_SCREENSHOT=1.
 WORKFLOW_SHOTS = {"image.json": "workflow-image.png", "self_guidance_move.json": "workflow-self-guidance.png"}
 
 

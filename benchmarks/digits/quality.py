@@ -117,7 +117,7 @@ PAPER = [
 ]
 PAPER_MAIN = PAPER[0].name  # k = 10: the reference of the cost ratio
 
-# The best recipe found by --search and the 3-seed checks (README.md): the previous best's structure at 2/5 of the
+# The best recipe found by --search and the 3-seed checks (docs/benchmarks.md): the previous best's structure at 2/5 of the
 # steps — 20 steps instead of 50, guidance in the second half only (σ ≤ 3.2), k=2 instead of 3, forward s=1 (paper
 # unit) plus m=3 instead of 5 Adam steps on x̂0 that stop per sample once the cross-entropy is below 0.01
 # (p(target) > 0.99). Polyak steps, augmentation and smoothing did not improve it (ABLATION).

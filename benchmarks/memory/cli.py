@@ -1,5 +1,5 @@
 """The command ``python -m benchmarks.memory``: every row (family × decoder × ``low_memory`` off/on) counted on the
-meta device, the CPU check, ``memory.json`` and the README table; with ``--device``, the rows run for real there
+meta device, the CPU check, ``memory.json`` and the table of docs/performance-and-memory.md; with ``--device``, the rows run for real there
 (``memory_<device>.json``).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def device_table(rows: list) -> str:
 
 
 def table(rows: list) -> str:
-    """The README table: one line per model × decoder, ``low_memory`` off and on side by side."""
+    """The table of docs/performance-and-memory.md: one line per model × decoder, ``low_memory`` off and on side by side."""
     def cards(r):
         return f"{min(r['fits_gb'])}+" if r["fits_gb"] else "> 24"
     lines = ["| model (weights) | size | decoder | weights GB | saved GB off / on | peak GB off / on | "
