@@ -147,7 +147,7 @@ def test_an_inverted_scene_is_reconstructed_and_moved_against_its_own_trajectory
 
     model, classifier = shipped
     scenes = [s for s in data.sample_scenes(30, bench.SCENE_SEED) if len(s) == 2][:2]
-    args = SimpleNamespace(steps=12, cfg=3.0, iterations=3, end=0.6, strength=0.1, sets=[0])
+    args = SimpleNamespace(steps=12, cfg=3.0, iterations=3, end=0.6, strength=0.2, sets=[0])
     res = inversion.run_set(model, classifier, scenes, args, 0)
     assert res["reconstruction"]["mean_abs"] < 0.03, res["reconstruction"]
     assert res["reconstruction"]["object_shift_mean"] < 0.02, res["reconstruction"]
