@@ -54,7 +54,7 @@ import guidance as ug
 from guidance import selfguidance as sg
 from guidance.objective import Guidance, GuidanceTerm
 
-from . import adapter, data, metrics, models, models2
+from . import adapter, data, metrics, mmdit, models, models2
 
 SCENE_SEED = 2024                    # the probe's scenes (data.sample_scenes(n, 2024))
 TARGETS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
@@ -67,8 +67,8 @@ WORDS = ("colour", "shape")
 PAPER_KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 3.0, "other_shape": 2.5, "other_appearance": 3.0}
 KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 0.5, "other_shape": 0.5, "other_appearance": 0.5}
 BOUND_STATS = ("bound_checked", "bound_acted", "bound_x0_acted")   # the sampler's schedule-safe bound, counted
-MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet()}
-DECODERS = {"shipped": DECODER, "cosine": models2.DECODER}
+MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet(), "mmdit": lambda: mmdit.load()}
+DECODERS = {"shipped": DECODER, "cosine": models2.DECODER, "mmdit": mmdit.LATE}
 
 
 # ---------------------------------------------------------------------------------------------- edits
@@ -181,7 +181,8 @@ def sample_rows(model, captions, noise, seed: int, steps: int, cfg: float, guida
     sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
     with torch.no_grad():
         out = ug.sample_universal(denoise, noise.clone(), sigmas, guidance=guidance, decode=data.decode,
-                                  settings=settings or ug.Settings(), parameterization=ug.VE,
+                                  settings=settings or ug.Settings(),
+                                  parameterization=adapter.parameterization_of(model),
                                   generator=torch.Generator().manual_seed(seed + 1), stats=stats)
     return data.decode(out.clamp(-1.0, 1.0))
 
@@ -558,7 +559,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid-rows", type=int, default=10)
     ap.add_argument("--model", choices=sorted(MODELS), default="shipped",
                     help="shipped: models.ShapesUNet (scaled-linear ε); cosine: models2.ShapesUNetV (cosine to "
-                         "σ 316, v-prediction, other layers)")
+                         "σ 316, v-prediction, other layers); mmdit: mmdit.ShapesMMDiT (rectified flow, joint "
+                         "attention; its 'decoder' rows read the last blocks, mmdit.LATE)")
     ap.add_argument("--rows", default="", help="comma-separated edit names to run (default: every row)")
     ap.add_argument("--name", default="", help="stem of the output files (default: selfguidance, "
                                                "selfguidance_cosine for --model cosine)")
