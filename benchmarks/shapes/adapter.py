@@ -81,6 +81,14 @@ def schedule_of(model) -> Schedule:
     return getattr(model, "schedule", None) or SCHEDULE
 
 
+def parameterization_of(model):
+    """The engine's parameterization for ``model``: ``guidance.FLOW`` for a rectified-flow model
+    (``prediction == "flow"``: ``x = (1−σ)·x0 + σ·n``), else ``guidance.VE`` (``x = x0 + σ·n``)."""
+    import guidance as ug
+
+    return ug.FLOW if getattr(model, "prediction", "eps") == "flow" else ug.VE
+
+
 def layer_names(model) -> tuple:
     """The model's cross-attention layer names, down → up (``models.LAYERS`` for ``ShapesUNet``)."""
     return tuple(getattr(model, "LAYERS", None) or model.cross_attention().keys())
@@ -115,10 +123,16 @@ def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Te
 
     The model's output is read by its ``prediction`` attribute: ``"eps"`` (default, ``x̂0 = x − σ·ε̂``) or ``"v"``
     (``x̂0 = α·z − s·v̂`` with ``α = 1/√(1+σ²)``, ``s = σ/√(1+σ²)``, CFG applied to v̂); the schedule defaults to
-    the model's (``schedule_of``).
+    the model's (``schedule_of``). A ``"flow"`` model (rectified flow, ``mmdit.ShapesMMDiT``) gets
+    ``adapter_flow.make_denoiser``: the engine's FLOW family, ``x = (1−σ)·x0 + σ·n``, to be sampled with
+    ``parameterization_of(model)``.
     """
-    schedule = schedule or schedule_of(model)
     prediction = getattr(model, "prediction", "eps")
+    if prediction == "flow":   # a rectified-flow model: the engine's FLOW family, σ = t (adapter_flow)
+        from . import adapter_flow
+
+        return adapter_flow.make_denoiser(model, tokens, null_tokens, cfg_scale, resize=resize)
+    schedule = schedule or schedule_of(model)
     order = layer_names(model)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, capture: Optional[object] = None):
@@ -177,6 +191,6 @@ def sample(model: ShapesUNet, captions, seed: int, steps: int = 50, cfg: float =
     x = initial_noise(len(captions), seed, float(sigmas[0]))
     with torch.no_grad():
         out = ug.sample_universal(denoise, x, sigmas, guidance=guidance, decode=data.decode,
-                                  settings=settings or ug.Settings(), parameterization=ug.VE,
+                                  settings=settings or ug.Settings(), parameterization=parameterization_of(model),
                                   generator=torch.Generator().manual_seed(seed + 1), callback=callback, stats=stats)
     return out.clamp(-1.0, 1.0)

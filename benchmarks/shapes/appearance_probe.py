@@ -24,8 +24,21 @@ import torch.nn.functional as F
 from . import adapter, data, models, models2
 
 BLOCKS = {"shipped": ("t_down16", "t_down8", "t_mid8", "t_up8", "t_up16", "u32"),
-          "cosine": ("t_enc16", "t_mid8", "m2", "t_dec16", "t_dec32")}
-FEATS = {"shipped": "t_up16", "cosine": "t_dec16"}
+          "cosine": ("t_enc16", "t_mid8", "m2", "t_dec16", "t_dec32"),
+          "mmdit": ("doubles.0", "doubles.1", "doubles.2", "doubles.3", "singles.0")}
+FEATS = {"shipped": "t_up16", "cosine": "t_dec16", "mmdit": "doubles.1"}
+
+
+def _image_map(out, grid: int = 8) -> torch.Tensor:
+    """A block's output as ``[B, C, H, W]``: a UNet block's as is; an MMDiT block's image tokens (a double block's
+    image stream, or the image rows after the text of a single block) on their ``grid``×``grid`` patch grid."""
+    if isinstance(out, tuple):
+        out = out[1]
+    elif out.dim() == 3:
+        out = out[:, -grid * grid:]
+    else:
+        return out
+    return out.transpose(1, 2).unflatten(2, (grid, grid))
 
 
 def loo_accuracy(x: np.ndarray, y: np.ndarray) -> float:
@@ -42,12 +55,17 @@ def loo_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("shipped", "cosine"), default="shipped")
+    ap.add_argument("--model", choices=("shipped", "cosine", "mmdit"), default="shipped")
     ap.add_argument("--scenes", type=int, default=120)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = models.load_unet() if args.model == "shipped" else models2.load_unet()
+    if args.model == "mmdit":
+        from . import mmdit
+        model = mmdit.load()
+    else:
+        model = models.load_unet() if args.model == "shipped" else models2.load_unet()
+    flow = getattr(model, "prediction", "eps") == "flow"
     sched = adapter.schedule_of(model)
     scenes = data.sample_scenes(args.scenes, 99)
     x0 = data.to_latent(data.render(scenes))
@@ -64,13 +82,13 @@ def main(argv=None) -> dict:
     for step in (10, 20, 30):
         sigma = float(sigmas[step])
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(step))
-        x = x0 + sigma * noise
+        x = (1 - sigma) * x0 + sigma * noise if flow else x0 + sigma * noise
         rec = {}
-        hooks = [getattr(model, n).register_forward_hook(lambda mod, i, o, n=n: rec.__setitem__(n, o.detach()))
-                 for n in BLOCKS[args.model]]
+        hooks = [model.get_submodule(n).register_forward_hook(
+                 lambda mod, i, o, n=n: rec.__setitem__(n, _image_map(o).detach())) for n in BLOCKS[args.model]]
         with torch.no_grad():
             t = sched.sigma_to_t(torch.full((len(scenes),), sigma))
-            model(x / (1 + sigma ** 2) ** 0.5, t, tokens)
+            model(x if flow else x / (1 + sigma ** 2) ** 0.5, t, tokens)
         for h in hooks:
             h.remove()
         row = {}

@@ -12,7 +12,7 @@ import guidance as ug
 from guidance import selfguidance as sg
 from guidance.objective import Guidance, GuidanceTerm
 
-from . import adapter, data, models, models2
+from . import adapter, data, mmdit, models, models2
 
 SCENE_SEED = 2024                    # the probe's scenes (data.sample_scenes(n, 2024))
 TARGETS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
@@ -25,8 +25,8 @@ WORDS = ("colour", "shape")
 PAPER_KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 3.0, "other_shape": 2.5, "other_appearance": 3.0}
 KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 0.5, "other_shape": 0.5, "other_appearance": 0.5}
 BOUND_STATS = ("bound_checked", "bound_acted", "bound_x0_acted")   # the sampler's schedule-safe bound, counted
-MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet()}
-DECODERS = {"shipped": DECODER, "cosine": models2.DECODER}
+MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet(), "mmdit": lambda: mmdit.load()}
+DECODERS = {"shipped": DECODER, "cosine": models2.DECODER, "mmdit": mmdit.LATE}
 
 
 
@@ -148,7 +148,8 @@ def sample_rows(model, captions, noise, seed: int, steps: int, cfg: float, guida
     sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
     with torch.no_grad():
         out = ug.sample_universal(denoise, noise.clone(), sigmas, guidance=guidance, decode=data.decode,
-                                  settings=settings or ug.Settings(), parameterization=ug.VE,
+                                  settings=settings or ug.Settings(),
+                                  parameterization=adapter.parameterization_of(model),
                                   generator=torch.Generator().manual_seed(seed + 1), stats=stats)
     return data.decode(out.clamp(-1.0, 1.0))
 

@@ -79,7 +79,8 @@ def run_seed(model, scenes, seed: int, steps: int, cfg: float, capture_steps) ->
     x = adapter.initial_noise(len(scenes), seed, float(sigmas[0]))
     with torch.no_grad():
         out = ug.sample_universal(recording, x, sigmas, guidance=None, decode=data.decode, settings=ug.Settings(),
-                                  parameterization=ug.VE, generator=torch.Generator().manual_seed(seed + 1))
+                                  parameterization=adapter.parameterization_of(model),
+                                  generator=torch.Generator().manual_seed(seed + 1))
     return data.decode(out.clamp(-1, 1)), found
 
 
@@ -172,8 +173,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--capture", default=",".join(map(str, CAPTURE_STEPS)), help="step indices to capture at")
     ap.add_argument("--weights", type=Path, default=models.WEIGHTS)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", choices=("shipped", "cosine"), default="shipped",
-                    help="cosine: models2.ShapesUNetV (weights/diffusion_cosine.safetensors in --weights)")
+    ap.add_argument("--model", choices=("shipped", "cosine", "mmdit"), default="shipped",
+                    help="cosine: models2.ShapesUNetV (weights/diffusion_cosine.safetensors in --weights); mmdit: "
+                         "mmdit.ShapesMMDiT (rectified flow, weights/mmdit_flow.safetensors in --weights)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "cosine":
@@ -181,6 +183,12 @@ def main(argv=None) -> dict:
         model = models2.load_unet(args.weights)
         from safetensors import safe_open
         with safe_open(str(args.weights / models2.FILE), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    elif args.model == "mmdit":
+        from . import mmdit
+        model = mmdit.load(args.weights)
+        from safetensors import safe_open
+        with safe_open(str(args.weights / mmdit.FILE), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     else:
         model, meta = models.load_unet(args.weights), models.read_meta("diffusion", args.weights)

@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid-rows", type=int, default=10)
     ap.add_argument("--model", choices=sorted(MODELS), default="shipped",
                     help="shipped: models.ShapesUNet (scaled-linear ε); cosine: models2.ShapesUNetV (cosine to "
-                         "σ 316, v-prediction, other layers)")
+                         "σ 316, v-prediction, other layers); mmdit: mmdit.ShapesMMDiT (rectified flow, joint "
+                         "attention; its 'decoder' rows read the last blocks, mmdit.LATE)")
     ap.add_argument("--rows", default="", help="comma-separated edit names to run (default: every row)")
     ap.add_argument("--name", default="", help="stem of the output files (default: selfguidance, "
                                                "selfguidance_cosine for --model cosine)")

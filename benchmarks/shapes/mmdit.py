@@ -1,0 +1,284 @@
+"""A tiny text-conditioned MMDiT (joint attention over text and image tokens) trained as a rectified flow.
+
+The transformer model of the shapes benchmark, built as SD3's MMDiT / Flux's double and single blocks are, so
+that self-guidance can be measured on joint attention, not only on a UNet's cross-attention:
+
+- **Tokens.** The 32×32×3 image (after a 3×3 conv stem, ``conv`` channels) is cut into ``PATCH``×``PATCH``
+  patches (4×4 → an 8×8 grid of 64 image tokens), each linearly embedded, plus a learned position embedding.
+  The output tokens are unpatchified and a small 3×3 conv head (with the stem's features as a skip) draws the
+  pixels — the part a latent MMDiT leaves to its VAE decoder. (Without it, ``conv=0``, the same transformer
+  sampled scattered 4×4 blocks: 30 % correct shapes after 900 iterations, every sample with extra blobs.) The caption's 8 tokens go through the same causal
+  text layer as the UNets (``models.TextEncoder``), then a linear map to the model width.
+- **Double blocks** ``double0`` … (SD3 joint blocks / Flux double-stream blocks): text and image keep their own
+  weights (adaLN modulation, q/k/v projections, QK-RMSNorm, output projection, MLP) and attend **jointly** over
+  ``cat(text, image)`` — text first, as in ComfyUI's and BFL's code.
+- **Single blocks** ``single0`` … (Flux single-stream): one stream over the same ``cat(text, image)``, parallel
+  attention and MLP (one input projection, one output projection), adaLN from the same vector.
+- **Conditioning vector** (adaLN): sinusoidal embedding of the flow time ``t ∈ [0, 1]`` (×1000) through an MLP,
+  plus the caption's pooled (mean) context, as Flux adds its pooled CLIP vector. Zero-initialised gates (adaLN-Zero).
+- **Objective:** rectified flow, ``x_t = (1 − t)·x0 + t·n``, the network predicts the velocity ``n − x0``.
+
+Capture (``with net.capture(layers=None, features=True) as rec: net(x_t, t, tokens)``), as ``models.ShapesUNet``:
+every requested block (``None``: all; names ``LAYERS``) writes the text→image map of its joint attention to
+``rec.maps[name]`` ``[B, H, W, T]``: the softmax over **all** keys (text and image) computed explicitly from the
+block's q, k (after QK-norm) in fp32, the image-query rows sliced to the text keys (``P[:, :, L_txt:, :L_txt]``),
+mean over heads, differentiable. The block's output itself always comes from ``F.scaled_dot_product_attention``,
+so the prediction is bit-identical with and without a capture. With ``features``, Ψ = the image stream after
+``FEATURE_BLOCK`` as ``[B, C, H, W]`` (``rec.feats``).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.digits.models import timestep_embedding
+
+from .adapter_flow import FLOW_SCHEDULE
+from .data import MAX_TOKENS, SIZE
+from .models import WEIGHTS, Recording, TextEncoder, parameter_count
+
+FILE = "mmdit_flow.safetensors"
+PATCH = 4
+LAYERS = ("double0", "double1", "double2", "double3", "single0")   # capture names of the shipped configuration
+LATE = ("double3", "single0")   # its last blocks (the benchmark's "decoder" rows: what late-block recipes read)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMS norm of q or k (QK-norm, as SD3.5 / Flux), learnable scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.scale
+
+
+class JointAttention:
+    """The attention of a block over ``cat(text, image)``: SDPA for the output, and — when the block's ``sink`` is
+    set — the explicit fp32 softmax over all keys, image rows × text keys, head mean, into ``sink[name]``."""
+
+    @staticmethod
+    def run(block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_txt: int, hw: tuple) -> torch.Tensor:
+        if block.sink is not None:
+            block.sink[block.name] = joint_map(q, k, n_txt, hw)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).flatten(2)
+
+
+def joint_map(q: torch.Tensor, k: torch.Tensor, n_txt: int, hw: tuple) -> torch.Tensor:
+    """``softmax(q·kᵀ/√d)`` over all keys in fp32, image-query rows sliced to the text keys, mean over heads:
+    ``[B, H, W, n_txt]`` (q, k ``[B, heads, n_txt + H·W, d]``, text first)."""
+    qf, kf = q.float(), k.float()
+    probs = (qf[:, :, n_txt:] @ kf.transpose(-1, -2) * qf.shape[-1] ** -0.5).softmax(dim=-1)
+    return probs[..., :n_txt].mean(dim=1).unflatten(1, hw)
+
+
+class Stream(nn.Module):
+    """One stream's weights in a double block: adaLN (6 vectors), qkv, QK-norm, output projection, GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.Linear(dim, 6 * dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp * dim, dim))
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def pre(self, x: torch.Tensor, vec: torch.Tensor):
+        m = self.mod(F.silu(vec)).chunk(6, dim=-1)
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(_modulate(self.norm1(x), m[0], m[1])).chunk(3, dim=-1))
+        return self.q_norm(q), self.k_norm(k), v, m
+
+    def post(self, x: torch.Tensor, attn: torch.Tensor, m) -> torch.Tensor:
+        x = x + m[2][:, None] * self.proj(attn)
+        return x + m[5][:, None] * self.mlp(_modulate(self.norm2(x), m[3], m[4]))
+
+
+class DoubleBlock(nn.Module):
+    """SD3 joint block / Flux double-stream block: per-stream weights, joint attention over ``cat(txt, img)``."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, name: str):
+        super().__init__()
+        self.name, self.sink = name, None
+        self.txt, self.img = Stream(dim, heads, mlp), Stream(dim, heads, mlp)
+
+    def forward(self, txt: torch.Tensor, img: torch.Tensor, vec: torch.Tensor, hw: tuple):
+        tq, tk, tv, tm = self.txt.pre(txt, vec)
+        iq, ik, iv, im = self.img.pre(img, vec)
+        n = txt.shape[1]
+        attn = JointAttention.run(self, torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), n, hw)
+        return self.txt.post(txt, attn[:, :n], tm), self.img.post(img, attn[:, n:], im)
+
+
+class SingleBlock(nn.Module):
+    """Flux single-stream block over ``cat(txt, img)``: one input projection to qkv and the MLP, one output
+    projection of ``cat(attention, GELU(mlp))``, adaLN (shift, scale, gate) from the conditioning vector."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, name: str):
+        super().__init__()
+        self.name, self.sink, self.heads, self.dim = name, None, heads, dim
+        self.mod = nn.Linear(dim, 3 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear1 = nn.Linear(dim, 3 * dim + mlp * dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.linear2 = nn.Linear(dim + mlp * dim, dim)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, n_txt: int, hw: tuple) -> torch.Tensor:
+        shift, scale, gate = self.mod(F.silu(vec)).chunk(3, dim=-1)
+        qkv, mlp = self.linear1(_modulate(self.norm(x), shift, scale)).split([3 * self.dim, self.linear1.out_features - 3 * self.dim], -1)
+        q, k, v = (_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        attn = JointAttention.run(self, self.q_norm(q), self.k_norm(k), v, n_txt, hw)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1))
+
+
+class ShapesMMDiT(nn.Module):
+    """v(x_t, t, tokens) = n − x0 for 3×32×32 images in [-1, 1]; ``t`` is the flow time in [0, 1] (1 = noise).
+
+    ``prediction = "flow"`` tells the adapter to read the output as a velocity on ``x_t = (1−t)·x0 + t·n``."""
+
+    prediction = "flow"
+
+    def __init__(self, dim: int = 128, heads: int = 4, depth: int = 4, single: int = 1, mlp: int = 2,
+                 context_dim: int = 64, patch: int = PATCH, feature_block: int | None = None, conv: int = 0):
+        super().__init__()
+        self.config = dict(dim=dim, heads=heads, depth=depth, single=single, mlp=mlp, context_dim=context_dim,
+                           patch=patch, feature_block=feature_block, conv=conv)
+        self.patch, self.grid = patch, SIZE // patch
+        self.schedule = FLOW_SCHEDULE   # σ = t, from 1 to 0 (adapter_flow)
+        self.LAYERS = tuple(f"double{i}" for i in range(depth)) + tuple(f"single{i}" for i in range(single))
+        # Ψ: the image stream after this double block (default: the middle one).
+        self.feature_block = depth // 2 - 1 if feature_block is None else feature_block
+        self.text = TextEncoder(context_dim, heads)
+        self.context_in = nn.Linear(context_dim, dim)
+        self.pooled = nn.Linear(context_dim, dim)
+        self.time = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # ``conv`` > 0: a 3×3 conv stem before the patches and a pixel head after them (U-ViT's final conv, and a
+        # stand-in for the VAE decoder a latent MMDiT has): the head sees the unpatchified tokens and the stem's
+        # features (a skip), so edges need not be drawn patch by patch. 0: the plain linear patch in / out.
+        self.conv = conv
+        self.stem = nn.Sequential(nn.Conv2d(3, conv, 3, padding=1), nn.SiLU()) if conv else None
+        cin = conv if conv else 3
+        self.img_in = nn.Linear(cin * patch * patch, dim)
+        self.pos = nn.Parameter(torch.randn(self.grid * self.grid, dim) * 0.02)
+        self.doubles = nn.ModuleList(DoubleBlock(dim, heads, mlp, f"double{i}") for i in range(depth))
+        self.singles = nn.ModuleList(SingleBlock(dim, heads, mlp, f"single{i}") for i in range(single))
+        self.final_mod = nn.Linear(dim, 2 * dim)
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.out_ch = conv // 2 if conv else 3
+        self.final = nn.Linear(dim, self.out_ch * patch * patch)
+        zero = [self.final_mod, self.final]
+        if conv:
+            self.head = nn.Sequential(nn.Conv2d(self.out_ch + conv, conv, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(conv, 3, 3, padding=1))
+            zero = [self.final_mod, self.head[-1]]
+        for lin in zero:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self._recording: Recording | None = None
+
+    def blocks(self) -> dict:
+        """The attention blocks by capture name, in order (``double0`` …, ``single0`` …)."""
+        return {b.name: b for b in list(self.doubles) + list(self.singles)}
+
+    @contextmanager
+    def capture(self, layers=None, features: bool = True):
+        """Record the text→image maps of the named blocks (``None``: every one) and, with ``features``, Ψ."""
+        rec = Recording()
+        named = self.blocks()
+        if layers is not None:
+            unknown = sorted(set(layers) - set(named))
+            if unknown:
+                raise ValueError(f"unknown attention blocks {unknown}; this model has {list(named)}")
+        chosen = [blk for n, blk in named.items() if layers is None or n in layers]
+        for blk in chosen:
+            blk.sink = rec.maps
+        self._recording = rec if features else None
+        try:
+            yield rec
+        finally:
+            for blk in chosen:
+                blk.sink = None
+            self._recording = None
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.shape  # [B, C, 32, 32] → [B, 64, C·p·p]
+        p, g = self.patch, self.grid
+        return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+    def unpatchify(self, y: torch.Tensor) -> torch.Tensor:
+        b = y.shape[0]
+        p, g = self.patch, self.grid
+        c = y.shape[-1] // (p * p)
+        return y.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        ctx = self.text(tokens)
+        vec = self.time(timestep_embedding(t * 1000.0, 256)) + self.pooled(ctx.mean(dim=1))
+        txt = self.context_in(ctx)
+        stem = self.stem(x) if self.stem is not None else None
+        img = self.img_in(self.patchify(x if stem is None else stem)) + self.pos
+        hw = (self.grid, self.grid)
+        for i, blk in enumerate(self.doubles):
+            txt, img = blk(txt, img, vec, hw)
+            if i == self.feature_block and self._recording is not None:
+                self._recording.feats = img.float().transpose(1, 2).unflatten(2, hw)
+        n = txt.shape[1]
+        h = torch.cat([txt, img], 1)
+        for blk in self.singles:
+            h = blk(h, vec, n, hw)
+        shift, scale = self.final_mod(F.silu(vec)).chunk(2, dim=-1)
+        out = self.unpatchify(self.final(_modulate(self.final_norm(h[:, n:]), shift, scale)))
+        return out if stem is None else self.head(torch.cat([out, stem], 1))
+
+
+def save(net: nn.Module, meta: dict, folder: Path = WEIGHTS) -> Path:
+    """fp16 state dict + ``meta`` (JSON, sorted keys) as safetensors metadata."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FILE
+    state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def load(folder: Path = WEIGHTS, file: str = FILE) -> ShapesMMDiT:
+    """The shipped MMDiT (eval mode, no parameter gradients)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / file
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv")
+    net = ShapesMMDiT(**{k: meta[k] for k in keys if k in meta})
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return net.eval().requires_grad_(False)
+
+
+__all__ = ["ShapesMMDiT", "joint_map", "load", "save", "parameter_count", "FILE", "PATCH", "LAYERS", "LATE", "MAX_TOKENS"]
