@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-import guidance as ug
 from guidance.inversion import Trajectory, invert
 
 from . import adapter, data, metrics, models
@@ -43,7 +42,7 @@ def invert_scenes(model, scenes, steps: int, cfg: float, iterations: int) -> Tra
     latent = data.to_latent(data.render(scenes))
     denoise = adapter.make_denoiser(model, data.tokens([data.caption(s) for s in scenes]), data.tokens([""]), cfg)
     sigmas = adapter.schedule_of(model).ddim_sigmas(steps)
-    return invert(lambda x, s: denoise(x, s), latent, sigmas, ug.VE, iterations=iterations)
+    return invert(lambda x, s: denoise(x, s), latent, sigmas, adapter.parameterization_of(model), iterations=iterations)
 
 
 def sliced(traj: Trajectory, idx: list) -> Trajectory:
