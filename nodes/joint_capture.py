@@ -36,7 +36,7 @@ import torch
 from ..guidance.selfguidance import Internals
 
 COND = 0
-TAG = "ug_joint_capture"          # key in a block's transformer_options: (JointCapture, block name)
+TAG = "ug_joint_capture"          # key in a block's transformer_options: (JointCapture, block name, call layout)
 OVERRIDE = "optimized_attention_override"
 CHUNK_ELEMENTS = 1 << 24          # scores per chunk of the log-sum-exp (64 MB in fp32)
 
@@ -213,7 +213,7 @@ class JointCapture:
             out = previous(func, *args, **kwargs)
             tag = (kwargs.get("transformer_options") or {}).get(TAG)
             if tag is not None and tag[0] is self:
-                self._record(tag[1], args, kwargs)
+                self._record(tag[1], tag[2], args, kwargs)
             return out
 
         to[OVERRIDE] = override
@@ -226,8 +226,8 @@ class JointCapture:
         def replace(args, extra):
             args = dict(args)
             to = dict(args.get("transformer_options") or {})
-            if capture_map:
-                to[TAG] = (self, name)
+            if capture_map:  # with the call's layout: a checkpointed block's recomputation sees the same
+                to[TAG] = (self, name, self._call)
             else:
                 to.pop(TAG, None)
             args["transformer_options"] = to
@@ -253,14 +253,14 @@ class JointCapture:
         size = total // len(chunks)
         return [slice(i * size, (i + 1) * size) for i, c in enumerate(chunks) if c == COND]
 
-    def _record(self, name, args, kwargs):
-        if self._call is None:
+    def _record(self, name, layout, args, kwargs):
+        if layout is None:
             return
         q, k = args[0], args[1]
         heads = args[3] if len(args) > 3 else kwargs["heads"]
         skip = kwargs.get("skip_reshape", False)
         q, k = _heads_first(q, heads, skip), _heads_first(k, heads, skip)
-        total, chunks, n_txt, (h, w) = self._call
+        total, chunks, n_txt, (h, w) = layout
         n_img = h * w
         if k.shape[2] < n_txt + n_img:  # an image-only attention inside the block (SD3.5's second attention)
             return
@@ -288,13 +288,12 @@ class JointCapture:
         b = probs.shape[0] // len(rows)
         probs = probs.view(len(rows), b, *probs.shape[1:]).mean(dim=(0, 2))    # cond chunks, heads → [B, n, K·r]
         probs = probs.view(b, n_img, repeats, len(wanted)).sum(dim=2)          # the repeats of a shorter context
-        if not self.open:
-            return  # a checkpointed block's recomputation in the backward pass: computed again, not kept
         if self.tokens is not None:
             full = probs.new_zeros(b, n_img, T)
             full[..., wanted] = probs
             probs = full
-        self.maps[name] = probs.view(b, h, w, T)
+        if self.open:  # not in a checkpointed block's recomputation (backward pass): computed the same, not kept
+            self.maps[name] = probs.view(b, h, w, T)
 
     def _record_feats(self, img, name):
         if not self.open or self._call is None:

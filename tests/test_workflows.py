@@ -4,6 +4,7 @@ are what workflows/build.py writes. Also: the UI → API converter on Reroute/Pr
 and corrupted workflows fail."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -194,7 +195,13 @@ def test_converts_and_passes_comfyui_validation(name, host, info):
     assert "30" not in prompt  # the Note is frontend-only
     assert api_link_check(prompt, info) == []
     wfiles.substitute_files_api(prompt)
-    ok, error, outputs, node_errors = host.validate(prompt)
+    folders = contextlib.nullcontext()
+    if any(e["class_type"] == "UNETLoader" for e in prompt.values()):  # Flux: the tiny Flux files
+        from test_model_families import FAMILIES, ensure_files, family_folders
+        ensure_files(FAMILIES["flux"])
+        folders = family_folders(host, FAMILIES["flux"])
+    with folders:
+        ok, error, outputs, node_errors = host.validate(prompt)
     assert ok, (error, node_errors)
     # the saved image and the run report's preview (8 after the KSampler, 25 after UG Run Report)
     assert sorted(outputs) in (["7", "8"], ["25", "7"]), outputs
