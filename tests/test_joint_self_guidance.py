@@ -180,7 +180,7 @@ def move_term(host, clip, weight=1.0, target=(0.1, 0.5), chain=None, layers="aut
                                                            blocks=blocks)[0]
 
 
-def ug_run(host, dit, guidance, seed, steps=2, **knobs):
+def ug_run(host, dit, guidance, seed, steps=3, **knobs):
     """(output latent, the run's report entry) of the Universal Guidance SAMPLER through ComfyUI's sample_custom."""
     import comfy.sample
     fam, model, clip, vae = dit
@@ -249,11 +249,11 @@ def test_named_blocks_and_unknown_blocks(host, dit):
         ac.resolve_layer_rule("single 40", net) if fam.name == "flux" else ac.resolve_layer_rule("joint 99", net)
     with pytest.raises(ValueError, match="decoder"):
         ac.resolve_layer_rule("coarse decoder", net)
-    _, run_entry = ug_run(host, dit, move_term(host, clip, blocks=blocks), 0)
+    _, run_entry = ug_run(host, dit, move_term(host, clip, blocks=blocks), 0, steps=2)
     assert trace_of(run_entry, "move:cat")
     bad = move_term(host, clip, blocks="double 77")
     with pytest.raises(Exception, match="no block"):
-        ug_run(host, dit, bad, 0)
+        ug_run(host, dit, bad, 0, steps=2)
 
 
 def test_attention_map_node_on_joint_models(host, dit):
@@ -325,7 +325,7 @@ def test_prompt_node_and_clip_layout_of_the_loaded_sd3_text_encoder(host, dit):
         cond = node(host, "UniversalGuidancePrompt").encode(clip, PROMPT)[0]
         term = node(host, "UniversalGuidanceSGMove").build(None, "", "cat", "auto", 1.0, 0.0, 1.0, "to (x, y)",
                                                            0.1, 0.5, conditioning=cond)[0]
-    _, run_entry = ug_run(host, dit, term, 0)
+    _, run_entry = ug_run(host, dit, term, 0, steps=2)
     assert trace_of(run_entry, "move:cat")
 
 
