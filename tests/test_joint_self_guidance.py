@@ -233,6 +233,25 @@ def test_self_guidance_and_image_guidance_in_one_run_both_lower_their_losses(hos
         assert g[-1] < p[-1], (term, g, p)
 
 
+def test_resize_keep_layout_keep_appearance_and_appearance_transfer_run_chained(host, dit):
+    """The other edits on the joint maps and Ψ (the feature block's image tokens) in one sampler: against the
+    unguided twin (Resize, Keep Layout, Keep Appearance) and a reference latent (Appearance Transfer)."""
+    fam, _, clip, _ = dit
+    reference = {"samples": torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))}
+    with torch.inference_mode():
+        g = node(host, "UniversalGuidanceSGResize").build(clip, PROMPT, "cat", "auto", 0.7, 0.0, 1.0, 1.5)[0]
+        g = node(host, "UniversalGuidanceSGKeepLayout").build(clip, PROMPT, "sofa", "auto", 10.0, 0.0, 1.0,
+                                                              guidance=g)[0]
+        g = node(host, "UniversalGuidanceSGKeepAppearance").build(clip, PROMPT, "cat", "auto", 12.0, 0.0, 1.0,
+                                                                  guidance=g)[0]
+        g = node(host, "UniversalGuidanceSGAppearanceTransfer").build(clip, PROMPT, "sofa", "auto", 12.0, 0.0, 1.0,
+                                                                      reference=reference, guidance=g)[0]
+    out, run_entry = ug_run(host, dit, g, 0)
+    last = run_entry["trace"][-1]["terms"]
+    assert len(last) == 4 and all(v >= 0 and v == v for v in last.values()), last
+    assert torch.isfinite(out).all()
+
+
 def test_named_blocks_and_unknown_blocks(host, dit):
     fam, model, clip, _ = dit
     ac = pack_module("nodes.attention_capture")
