@@ -42,12 +42,15 @@ CHUNK_ELEMENTS = 1 << 24          # scores per chunk of the log-sum-exp (64 MB i
 
 
 def kind_of(net) -> str | None:
-    """``"flux"`` (double and single blocks), ``"sd3"`` (MMDiT joint blocks) or None for other networks."""
+    """``"flux"`` (Flux: double and single blocks), ``"sd3"`` (SD3's MMDiT: joint blocks) or None for other
+    networks (UNets; other transformers with blocks of the same names — HunyuanVideo, Chroma, AuraFlow — whose
+    token layouts differ and are not supported)."""
     if net is None:
         return None
-    if hasattr(net, "double_blocks") and hasattr(net, "single_blocks"):
+    names = {c.__module__ + "." + c.__name__ for c in type(net).__mro__}
+    if "comfy.ldm.flux.model.Flux" in names:
         return "flux"
-    if hasattr(net, "joint_blocks"):
+    if "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT" in names:
         return "sd3"
     return None
 

@@ -350,27 +350,35 @@ def test_prompt_node_and_clip_layout_of_the_loaded_sd3_text_encoder(host, dit):
 
 # ---------------------------------------------------------------------------------------- older hosts
 
-class _FluxShaped(torch.nn.Module):
-    """A stand-in with Flux's block layout (double_blocks, single_blocks), for the refusal on older hosts."""
-
-    def __init__(self):
-        super().__init__()
+def _flux_stand_in():
+    """A network whose class is named as ComfyUI's Flux (``comfy.ldm.flux.model.Flux``), with Flux's block lists:
+    what a Flux model object looks like to the pack, on a host that cannot load one."""
+    def init(self):
+        torch.nn.Module.__init__(self)
         self.double_blocks = torch.nn.ModuleList([torch.nn.Identity()])
         self.single_blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    return type("Flux", (torch.nn.Module,), {"__module__": "comfy.ldm.flux.model", "__init__": init})()
 
 
 class _Base:
-    def __init__(self):
-        self.diffusion_model = _FluxShaped()
+    def __init__(self, net):
+        self.diffusion_model = net
 
 
 def test_joint_models_need_the_attention_override_of_current_hosts(host):
+    """SD3 / Flux self-guidance needs ComfyUI's attention override (v0.3.60+): an older host gets an error saying
+    so; every other non-UNet model is told which families self-guidance reads."""
     ac = pack_module("nodes.attention_capture")
     jc = pack_module("nodes.joint_capture")
-    base = _Base()
+    base = _Base(_flux_stand_in())
+    assert jc.kind_of(base.diffusion_model) == "flux"
     if jc.host_supports_joint_capture():
         assert ac.capture_network(base) is base.diffusion_model
     else:
         assert ac.capture_network(base) is None
         message = ac.unsupported_message(base)
-        assert "v0.3.60" in message and "SD3 and Flux" in message and "_FluxShaped" in message, message
+        assert "v0.3.60" in message and "SD3 and Flux" in message and "update ComfyUI" in message, message
+    other = _Base(torch.nn.Linear(2, 2))
+    assert ac.capture_network(other) is None
+    message = ac.unsupported_message(other)
+    assert "SD1.x, SD2.x, SDXL" in message and "SD3 / Flux" in message and "Linear" in message, message
