@@ -32,7 +32,7 @@ def attention_heat(node: str, model, clip, prompt: str, words: str, layers: str,
     try:
         names = ac.resolve_layer_rule(layers, unet)
     except ValueError as e:
-        raise GuidanceInputError(f"{node}: input 'blocks': {e}") from None
+        raise GuidanceInputError(f"{node}: inputs 'layers' / 'blocks': {e}") from None
     all_layers = ac.attention_layers(unet)
     chosen = all_layers if names == ac.AUTO else {n: all_layers[n] for n in names}
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
