@@ -41,14 +41,17 @@ SHARPNESS = 10.0  # the paper's soft-threshold slope
 
 @dataclass(frozen=True)
 class CaptureRequest:
-    """What the denoiser must record: the named attention layers (``None`` = every layer) and Ψ or not."""
+    """What the denoiser must record: the named attention layers (``None`` = every layer), Ψ or not, and the token
+    positions the terms read (``None`` = all; a host may then compute only these columns of the maps)."""
 
     layers: Optional[frozenset] = None
     features: bool = False
+    tokens: Optional[frozenset] = None
 
     def __or__(self, other: "CaptureRequest") -> "CaptureRequest":
         layers = None if self.layers is None or other.layers is None else self.layers | other.layers
-        return CaptureRequest(layers, self.features or other.features)
+        tokens = None if self.tokens is None or other.tokens is None else self.tokens | other.tokens
+        return CaptureRequest(layers, self.features or other.features, tokens)
 
 
 @dataclass
@@ -225,7 +228,8 @@ class InternalLoss:
     @property
     def request(self) -> CaptureRequest:
         names = self.named_layers
-        return CaptureRequest(None if names is None else frozenset(names), self.needs_features)
+        tokens = frozenset(self.tokens) | frozenset(getattr(self, "reference_tokens", None) or ())
+        return CaptureRequest(None if names is None else frozenset(names), self.needs_features, tokens)
 
     def _maps(self, internals: Internals, tokens=None) -> list:
         return internals.token_maps(self.tokens if tokens is None else tokens, self.named_layers)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance.selfguidance import AUTO, Internals
+from . import joint_capture
 
 COND = 0
 
@@ -41,9 +42,36 @@ def unet_of(base_model):
     return net if isinstance(net, UNetModel) else None
 
 
+def capture_network(base_model):
+    """The network whose attention self-guidance reads: a UNet, or a joint-attention transformer (SD3's MMDiT,
+    Flux) on a ComfyUI that routes its attention through ``optimized_attention_override``; None otherwise."""
+    unet = unet_of(base_model)
+    if unet is not None:
+        return unet
+    net = getattr(base_model, "diffusion_model", None)
+    if joint_capture.kind_of(net) is not None and joint_capture.host_supports_joint_capture():
+        return net
+    return None
+
+
+def unsupported_message(base_model) -> str:
+    """Why self-guidance cannot read this model's attention on this ComfyUI (for an error naming the node)."""
+    net = getattr(base_model, "diffusion_model", None)
+    name = f"{type(base_model).__name__}, {type(net).__name__}"
+    if joint_capture.kind_of(net) is not None and not joint_capture.host_supports_joint_capture():
+        return (f"this model ({name}) attends jointly over text and image tokens, and this ComfyUI does not let a "
+                f"node read that attention (it has no 'optimized_attention_override', added in ComfyUI v0.3.60): "
+                f"update ComfyUI to use self-guidance on SD3 and Flux")
+    return (f"self-guidance reads the text-to-image attention of a UNet (SD1.x, SD2.x, SDXL) or of SD3 / Flux; this "
+            f"model ({name}) is not one of them")
+
+
 def attention_layers(unet) -> dict:
     """``{name: (block, id, index)}`` of every transformer block with cross-attention, in forward order;
-    names read ``input4.0``, ``middle0.0``, ``output3.1`` (block kind, block id, transformer index)."""
+    names read ``input4.0``, ``middle0.0``, ``output3.1`` (block kind, block id, transformer index). For SD3 and
+    Flux: ``{name: dit replace key}`` of their joint-attention blocks (``joint_capture.joint_layers``)."""
+    if joint_capture.kind_of(unet) is not None:
+        return joint_capture.joint_layers(unet)
     from comfy.ldm.modules.attention import SpatialTransformer
     layers = {}
     groups = [("input", list(unet.input_blocks)), ("middle", [unet.middle_block]), ("output", list(unet.output_blocks))]
@@ -222,8 +250,13 @@ class AttentionCapture:
         return Internals(maps, self.feats)
 
 
-def captured_call(model, x, sigma, extra_args: dict, unet, layers: dict, context_length: int, features: bool):
-    """One denoiser call with capture: ``(x̂0, Internals)``."""
+def captured_call(model, x, sigma, extra_args: dict, unet, layers: dict, context_length: int, features: bool,
+                  tokens=None):
+    """One denoiser call with capture: ``(x̂0, Internals)``. ``unet``: a UNet or (SD3, Flux) a joint-attention
+    transformer; ``tokens``: the token positions the terms read (the transformers compute only those)."""
+    if joint_capture.kind_of(unet) is not None:
+        return joint_capture.captured_call(model, x, sigma, extra_args, unet, layers, context_length, features,
+                                           tokens)
     capture = AttentionCapture(unet, layers, context_length, features)
     args = dict(extra_args)
     args["model_options"] = capture.model_options(copy.copy(extra_args.get("model_options", {})))
@@ -241,13 +274,19 @@ LAYER_RULES = ("auto", "coarse decoder", "mid decoder", "all decoder", "all")
 
 def resolve_layer_rule(rule, unet):
     """Layer names for a rule of ``LAYER_RULES`` (or a comma-separated list of names) on this UNet; ``"auto"``
-    stays ``"auto"`` (every layer captured, chosen per token by the engine)."""
+    stays ``"auto"`` (every layer captured, chosen per token by the engine). On SD3 / Flux: ``auto``, ``all`` or
+    block ranges such as ``"double 15-18, single 0-3"`` (``ValueError`` for anything else)."""
     layers = attention_layers(unet)
     rule = (rule or LAYER_RULES[0]).strip()
     if rule == "auto":
         return AUTO
     if rule == "all":
         return list(layers)
+    if joint_capture.kind_of(unet) is not None:
+        if rule in LAYER_RULES:
+            raise ValueError(f"layers {rule!r} names UNet decoder levels; SD3 and Flux have none: use 'auto' or "
+                             f"'all', or name blocks in 'blocks' (e.g. 'double 15-18, single 0-3')")
+        return joint_capture.parse_blocks(rule, unet)
     if rule in LAYER_RULES:
         scales = layer_scales(unet)
         decoder = [n for n, (kind, _, _) in layers.items() if kind == "output"]

@@ -492,12 +492,11 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str, pos
     if not guidance.has("internal"):
         return guidance, None, None
     from . import attention_capture as ac
-    unet = ac.unet_of(base_model)
+    unet = ac.capture_network(base_model)  # a UNet, or SD3's / Flux's joint-attention transformer
     if unet is None:
-        raise GuidanceInputError(
-            f"{node}: input 'guidance' has self-guidance terms, which read a UNet's cross-attention (SD1.x, SD2.x, "
-            f"SDXL); this model ({type(base_model).__name__}, {type(getattr(base_model, 'diffusion_model', None)).__name__}) "
-            f"is not supported yet. Remove the self-guidance nodes for this model.")
+        raise GuidanceInputError(f"{node}: input 'guidance' has self-guidance terms: "
+                                 f"{ac.unsupported_message(base_model)}. Remove the self-guidance nodes for this "
+                                 f"model.")
     check_prompts(guidance, positive, node)
     lengths = {t.loss.context_length for t in guidance.terms if t.kind == "internal"}
     if len(lengths) > 1:
@@ -508,7 +507,10 @@ def prepare_internal_terms(guidance, base_model, x: torch.Tensor, node: str, pos
     for term in guidance.terms:
         if term.kind == "internal":
             loss = term.loss
-            names = loss.layers if loss.layers is not None else ac.resolve_layer_rule(loss.layer_rule, unet)
+            try:
+                names = loss.layers if loss.layers is not None else ac.resolve_layer_rule(loss.layer_rule, unet)
+            except ValueError as e:
+                raise GuidanceInputError(f"{node}: self-guidance term {term.name!r}: {e}") from None
             missing = [] if names == ac.AUTO else [n for n in names if n not in layers]
             if missing or not names:
                 raise GuidanceInputError(f"{node}: self-guidance term {term.name!r}: this UNet has no attention "
@@ -701,7 +703,7 @@ def _denoiser(model, run: _Run, extra_args: dict, cfg_branch: str):
                     return model(x_in, sigma, **args)
                 from .attention_capture import captured_call
                 return captured_call(model, x_in, sigma, args, run.unet, layers_of(capture), run.context_length,
-                                     capture.features)
+                                     capture.features, getattr(capture, "tokens", None))
 
         if not (torch.is_grad_enabled() and x_in.requires_grad):
             return call(extra_args)

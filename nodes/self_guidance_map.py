@@ -26,11 +26,13 @@ def attention_heat(node: str, model, clip, prompt: str, words: str, layers: str,
     """``[B, H, W]`` heat map in [0, 1] at 8× the latent's size: the words' maps, averaged over layers."""
     positions, length = token_positions(clip, prompt, words, node)
     base = model.model
-    unet = ac.unet_of(base)
+    unet = ac.capture_network(base)  # a UNet, or SD3's / Flux's joint-attention transformer
     if unet is None:
-        raise GuidanceInputError(f"{node}: input 'model': attention maps are read from a UNet's cross-attention "
-                                 f"(SD1.x, SD2.x, SDXL); {type(base).__name__} is not supported yet")
-    names = ac.resolve_layer_rule(layers, unet)
+        raise GuidanceInputError(f"{node}: input 'model': {ac.unsupported_message(base)}")
+    try:
+        names = ac.resolve_layer_rule(layers, unet)
+    except ValueError as e:
+        raise GuidanceInputError(f"{node}: inputs 'layers' / 'blocks': {e}") from None
     all_layers = ac.attention_layers(unet)
     chosen = all_layers if names == ac.AUTO else {n: all_layers[n] for n in names}
     sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
@@ -40,7 +42,8 @@ def attention_heat(node: str, model, clip, prompt: str, words: str, layers: str,
 
     def one_pass(model_wrap, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         s_in = sigmas[0] * x.new_ones([x.shape[0]])
-        x0, internals = ac.captured_call(model_wrap, x, s_in, dict(extra_args or {}), unet, chosen, length, False)
+        x0, internals = ac.captured_call(model_wrap, x, s_in, dict(extra_args or {}), unet, chosen, length, False,
+                                         positions)
         captured["internals"] = internals
         return x0
 

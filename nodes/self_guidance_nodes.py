@@ -61,12 +61,27 @@ def sg_inputs(weight: float, weight_tip: str) -> dict:
                        "the layers that track objects (which layer does depends on the word and the model). "
                        "'coarse decoder' = the decoder's lowest-resolution attention (SD1.5 output blocks 3-5, 16x16 "
                        "at 512²; SDXL output 0-2, 32x32 at 1024²); 'mid decoder' the next level; 'all decoder'; "
-                       "'all' (every layer, equally)."}),
+                       "'all' (every layer, equally). SD3 / Flux (joint attention; no decoder levels): 'auto' "
+                       "(every block captured, the most compact maps count per word) or 'all'; name blocks in "
+                       "'blocks'."}),
         "weight": ("FLOAT", {"default": weight, "min": -1.0e6, "max": 1.0e6, "step": 0.01,
                              "tooltip": weight_tip + " It is the paper's v, this term's share of the "
                                         "sampler's strength. Negative values push the other way; 0 = off."}),
         **_window(),
     }
+
+
+BLOCKS_INPUT = {"blocks": ("STRING", {
+    "default": "",
+    "tooltip": "Optional: the attention blocks to read, overriding 'layers'. SD3 / Flux: block ranges, e.g. "
+               "'double 15-18, single 0-3' (Flux: 19 double and 38 single blocks) or 'joint 10-14' (SD3). UNets: "
+               "layer names such as 'output3.0, output4.0'. Empty: the 'layers' choice (on SD3 / Flux only 'auto' "
+               "and 'all' apply)."})}
+
+
+def layer_rule(layers: str, blocks: str = "") -> str:
+    """The layer choice a term carries: the named ``blocks`` when given, else the ``layers`` rule."""
+    return (blocks or "").strip() or layers
 
 
 REFERENCE_INPUT = {"reference": ("LATENT", {
@@ -160,7 +175,7 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
             "y": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01,
                             "tooltip": "Target y ('to': 0 = top, 1 = bottom) or dy ('by': fraction of the "
                                        "height, + = down)."})},
-            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
+            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT, **BLOCKS_INPUT}}
 
     @classmethod
     def problems(cls, values: dict) -> list:
@@ -171,7 +186,7 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
         return problems
 
     def build(self, clip=None, prompt="", words="", layers="auto", weight=4.0, start_percent=0.0, end_percent=0.6,
-              mode="to (x, y)", x=0.25, y=0.5, guidance=None, conditioning=None, reference=None):
+              mode="to (x, y)", x=0.25, y=0.5, guidance=None, conditioning=None, reference=None, blocks=""):
         if mode.startswith("to"):
             if reference is not None:
                 raise GuidanceInputError(f"{self.NAME}: input 'reference' is used by mode 'by (dx, dy)' only (a move "
@@ -183,8 +198,8 @@ class UniversalGuidanceSGMove(SelfGuidanceNode):
             kw = {"target": (x, y)}
         else:
             kw = {"shift": (x, y), "reference": _reference(reference)}
-        return self.make_term(sg.MoveLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, conditioning, **kw)
+        return self.make_term(sg.MoveLoss, clip, prompt, words, layer_rule(layers, blocks), weight,
+                              start_percent, end_percent, guidance, words, conditioning, **kw)
 
 
 class UniversalGuidanceSGResize(SelfGuidanceNode):
@@ -206,12 +221,13 @@ class UniversalGuidanceSGResize(SelfGuidanceNode):
                                  "tooltip": "Target size (area) relative to the reference (the unguided run, or "
                                             "the photo inverted by UG Invert on 'reference'): 2 = twice the area, "
                                             "0.5 = half. Costs one extra model pass per guided step."})},
-            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
+            "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT, **BLOCKS_INPUT}}
 
     def build(self, clip=None, prompt="", words="", layers="auto", weight=0.7, start_percent=0.0, end_percent=0.6,
-              factor=1.5, guidance=None, conditioning=None, reference=None):
-        return self.make_term(sg.ResizeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, conditioning, factor=factor, reference=_reference(reference))
+              factor=1.5, guidance=None, conditioning=None, reference=None, blocks=""):
+        return self.make_term(sg.ResizeLoss, clip, prompt, words, layer_rule(layers, blocks), weight,
+                              start_percent, end_percent, guidance, words, conditioning, factor=factor,
+                              reference=_reference(reference))
 
 
 class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
@@ -223,12 +239,13 @@ class UniversalGuidanceSGKeepLayout(SelfGuidanceNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": sg_inputs(10.0, "Multiplies the loss mean|shape − shape_reference| over pixels."),
-                "optional": {**PROMPT_INPUTS, **REFERENCE_INPUT, **CHAIN_INPUT}}
+                "optional": {**PROMPT_INPUTS, **REFERENCE_INPUT, **CHAIN_INPUT, **BLOCKS_INPUT}}
 
     def build(self, clip=None, prompt="", words="", layers="auto", weight=10.0, start_percent=0.0, end_percent=0.6,
-              reference=None, guidance=None, conditioning=None):
-        return self.make_term(sg.KeepShapeLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, conditioning, reference=_reference(reference))
+              reference=None, guidance=None, conditioning=None, blocks=""):
+        return self.make_term(sg.KeepShapeLoss, clip, prompt, words, layer_rule(layers, blocks), weight,
+                              start_percent, end_percent, guidance, words, conditioning,
+                              reference=_reference(reference))
 
 
 class UniversalGuidanceSGKeepAppearance(SelfGuidanceNode):
@@ -242,12 +259,13 @@ class UniversalGuidanceSGKeepAppearance(SelfGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_unguided| over "
                                             "feature channels."),
-                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT}}
+                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **REFERENCE_INPUT, **BLOCKS_INPUT}}
 
     def build(self, clip=None, prompt="", words="", layers="auto", weight=12.0, start_percent=0.0, end_percent=0.6,
-              guidance=None, conditioning=None, reference=None):
-        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, conditioning, reference=_reference(reference))
+              guidance=None, conditioning=None, reference=None, blocks=""):
+        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layer_rule(layers, blocks), weight,
+                              start_percent, end_percent, guidance, words, conditioning,
+                              reference=_reference(reference))
 
 
 class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
@@ -264,15 +282,16 @@ class UniversalGuidanceSGAppearanceTransfer(SelfGuidanceNode):
     def INPUT_TYPES(cls):
         return {"required": {**sg_inputs(12.0, "Multiplies the loss mean|appearance − appearance_reference|."),
                              "reference": REFERENCE_INPUT["reference"]},
-                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT}}
+                "optional": {**PROMPT_INPUTS, **CHAIN_INPUT, **BLOCKS_INPUT}}
 
     def build(self, clip=None, prompt="", words="", layers="auto", weight=12.0, start_percent=0.0, end_percent=0.6,
-              reference=None, guidance=None, conditioning=None):
+              reference=None, guidance=None, conditioning=None, blocks=""):
         if reference is None:
             raise GuidanceInputError(f"{self.NAME}: input 'reference' is missing; connect the LATENT of the image "
                                      f"whose appearance to take (e.g. VAE Encode of a photo)")
-        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layers, weight, start_percent, end_percent,
-                              guidance, words, conditioning, reference=_reference(reference))
+        return self.make_term(sg.AppearanceLoss, clip, prompt, words, layer_rule(layers, blocks), weight,
+                              start_percent, end_percent, guidance, words, conditioning,
+                              reference=_reference(reference))
 
 
 # --------------------------------------------------------------------------------------------- attention map
@@ -303,7 +322,7 @@ class UniversalGuidanceAttentionMap(CheckedNode):
         base = sg_inputs(0.0, "")
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL, SD3, Flux)."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint: it encodes 'prompt' and finds the words' "
                                              "token positions in it."}),
                 "prompt": ("STRING", {"multiline": True, "default": "",
@@ -319,16 +338,18 @@ class UniversalGuidanceAttentionMap(CheckedNode):
                                  "tooltip": "Seed of the noise added to the latent."}),
             },
             "optional": {"image": ("IMAGE", {"tooltip": "Optional picture to draw the heat map over (e.g. the "
-                                                        "decoded latent); resized to the heat map."})},
+                                                        "decoded latent); resized to the heat map."}),
+                         **BLOCKS_INPUT},
         }
 
     @classmethod
     def problems(cls, values: dict) -> list:
         return SelfGuidanceNode.word_problems(values)
 
-    def render(self, model, clip, prompt, words, layers, latent, noise_level, seed, image=None):
+    def render(self, model, clip, prompt, words, layers, latent, noise_level, seed, image=None, blocks=""):
         from .self_guidance_map import attention_heat
-        heat = attention_heat(self.NAME, model, clip, prompt, words, layers, latent, noise_level, seed)
+        heat = attention_heat(self.NAME, model, clip, prompt, words, layer_rule(layers, blocks), latent,
+                              noise_level, seed)
         picture = colorize(heat)
         if image is not None:
             under = image[..., :3].float()

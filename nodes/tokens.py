@@ -1,10 +1,14 @@
-"""Words of a prompt → their token positions in the conditioning, with the model's own CLIP tokenizer.
+"""Words of a prompt → their token positions in the conditioning, with the model's own tokenizers.
 
 ``clip.tokenize(text, return_word_ids=True)`` gives, per text encoder (``l``; ``h``; ``g`` and ``l`` for SDXL),
 chunks of 77 ``(token, weight, word id)``: SOT, the words' tokens, EOT and padding (word id 0). Chunk i covers
 context positions 77·i … 77·i + 76. A word (or a phrase of several words) is tokenized the same way and found
 as a subsequence of the prompt's token ids: every sub-token of every occurrence is kept, prompt weights such as
 ``(dog:1.3)`` change nothing, long prompts count their chunks, and every text encoder must agree on the positions.
+
+SD3 and Flux attend to other tokens (``attended_layout``): Flux to T5's (sentencepiece: no start token, one
+sequence padded to 256, a word often split into several pieces, each kept); SD3 to CLIP-L/G's 77 per chunk
+followed by T5's, so a word's T5 positions come after the CLIP part.
 """
 from __future__ import annotations
 
@@ -14,13 +18,39 @@ from .errors import GuidanceInputError
 
 
 # The CLIP encoders' keys in ComfyUI's tokenizer output (SD1: l; SD2: h; SDXL/SD3: g and l). Other encoders of a
-# model (T5 of SD3/Flux) have their own token layout and are not what a UNet's cross-attention reads.
+# model (T5 of SD3/Flux) have their own token layout (``attended_layout``).
 CLIP_KEYS = ("l", "g", "h")
+T5_KEY = "t5xxl"
 
 
-def _streams(clip, text: str) -> dict:
+def _has_class(obj, name: str) -> bool:
+    return any(c.__name__ == name for c in type(obj).__mro__)
+
+
+def attended_layout(clip) -> list:
+    """``[(encoder keys, offset rule)]``: which encoders' tokens the diffusion model attends to, in context order.
+
+    * Flux (``FluxClipModel``): the T5 tokens only (CLIP-L gives the pooled vector);
+    * SD3 (``SD3ClipModel``): the CLIP-L/G tokens (77 per chunk; the encoders loaded), then the T5 tokens (when T5
+      is loaded) — the T5 positions follow the CLIP part;
+    * every other model: its CLIP encoders' tokens (``CLIP_KEYS``; all must agree), or whatever it has."""
+    model = getattr(clip, "cond_stage_model", None)
+    if _has_class(model, "FluxClipModel"):
+        return [((T5_KEY,), "start")]
+    if _has_class(model, "SD3ClipModel"):
+        layout = []
+        clip_keys = tuple(k for k, attr in (("l", "clip_l"), ("g", "clip_g")) if getattr(model, attr, None) is not None)
+        if clip_keys:
+            layout.append((clip_keys, "start"))
+        if getattr(model, "t5xxl", None) is not None:
+            layout.append(((T5_KEY,), "after"))
+        return layout or [(("l", "g"), "start")]  # SD3 encodes zeros of 77 tokens without encoders
+    return [(CLIP_KEYS, "start")]
+
+
+def _streams(clip, text: str, tokenize=None) -> dict:
     """``{encoder key: [(position, token id or None, word id)]}`` over all chunks."""
-    tokens = clip.tokenize(text, return_word_ids=True)
+    tokens = (tokenize or clip.tokenize)(text, return_word_ids=True)
     streams = {}
     for key, chunks in tokens.items():
         stream, pos = [], 0
@@ -44,38 +74,56 @@ def split_words(words: str) -> list:
 
 
 def token_positions(clip, prompt: str, words: str, node: str, input_name: str = "words") -> tuple:
-    """``(sorted positions, context length)`` of every sub-token of every occurrence of each of ``words``."""
+    """``(sorted positions, context length)`` of every sub-token of every occurrence of each of ``words``, in the
+    text-token sequence the diffusion model attends to (``attended_layout``)."""
     if clip is None or not hasattr(clip, "tokenize"):
         raise GuidanceInputError(f"{node}: input 'clip' is missing; connect the CLIP of the checkpoint")
+    return positions_in(clip.tokenize, attended_layout(clip), prompt, words, node, input_name)
+
+
+def positions_in(tokenize, layout: list, prompt: str, words: str, node: str, input_name: str = "words") -> tuple:
+    """``token_positions`` for a tokenizer function (``tokenize(text, return_word_ids=True)``, ComfyUI's) and a
+    layout of ``attended_layout``."""
     queries = split_words(words)
     if not queries:
         raise GuidanceInputError(f"{node}: input '{input_name}' is empty; name a word of the prompt, e.g. 'dog'")
     if not (prompt or "").strip():
         raise GuidanceInputError(f"{node}: input 'prompt' is empty; give the positive prompt, word for word")
-    streams = _streams(clip, prompt)
-    clip_keys = [k for k in streams if k in CLIP_KEYS]
-    streams = {k: streams[k] for k in clip_keys} if clip_keys else streams
-    length = max(len(s) for s in streams.values())
-    found = {}
-    for key, stream in streams.items():
-        content = [(pos, tok) for pos, tok, wid in stream if wid and tok is not None]
-        positions = set()
-        for query in queries:
-            q_stream = _streams(clip, query).get(key, [])
-            q_ids = [tok for _, tok, wid in q_stream if wid and tok is not None]
-            hits = [content[i:i + len(q_ids)] for i in range(len(content) - len(q_ids) + 1)
-                    if q_ids and [t for _, t in content[i:i + len(q_ids)]] == q_ids]
-            if not hits:
-                raise GuidanceInputError(
-                    f"{node}: input '{input_name}': {query!r} is not in the prompt; the words of input 'prompt' "
-                    f"are {', '.join(repr(w) for w in prompt_words(prompt))}")
-            positions.update(pos for hit in hits for pos, _ in hit)
-        found[key] = sorted(positions)
-    values = list(found.values())
-    if any(v != values[0] for v in values[1:]):
-        raise GuidanceInputError(f"{node}: the text encoders of this CLIP place {words!r} at different positions "
-                                 f"({found}); self-guidance cannot tell which to use")
-    return values[0], length
+    all_streams = _streams(None, prompt, tokenize)
+    query_streams = {q: _streams(None, q, tokenize) for q in queries}
+    positions, offset = set(), 0
+    for keys, rule in layout:
+        streams = {k: all_streams[k] for k in keys if k in all_streams}
+        if not streams:
+            if rule == "start" and keys == CLIP_KEYS:   # a tokenizer of other encoders only: whatever it has
+                streams = all_streams
+            else:
+                continue
+        found = {key: _find(stream, {q: s.get(key, []) for q, s in query_streams.items()}, prompt, node,
+                            input_name) for key, stream in streams.items()}
+        values = list(found.values())
+        if any(v != values[0] for v in values[1:]):
+            raise GuidanceInputError(f"{node}: the text encoders of this CLIP place {words!r} at different positions "
+                                     f"({found}); self-guidance cannot tell which to use")
+        positions.update(offset + p for p in values[0])
+        offset += max(len(s) for s in streams.values())
+    return sorted(positions), offset
+
+
+def _find(stream: list, queries: dict, prompt: str, node: str, input_name: str) -> list:
+    """Positions in ``stream`` of every sub-token of every occurrence of each query's token ids."""
+    content = [(pos, tok) for pos, tok, wid in stream if wid and tok is not None]
+    positions = set()
+    for query, q_stream in queries.items():
+        q_ids = [tok for _, tok, wid in q_stream if wid and tok is not None]
+        hits = [content[i:i + len(q_ids)] for i in range(len(content) - len(q_ids) + 1)
+                if q_ids and [t for _, t in content[i:i + len(q_ids)]] == q_ids]
+        if not hits:
+            raise GuidanceInputError(
+                f"{node}: input '{input_name}': {query!r} is not in the prompt; the words of input 'prompt' "
+                f"are {', '.join(repr(w) for w in prompt_words(prompt))}")
+        positions.update(pos for hit in hits for pos, _ in hit)
+    return sorted(positions)
 
 
 # ------------------------------------------------------------------------ the prompt the positions refer to

@@ -27,6 +27,11 @@ FILE_SUBSTITUTIONS = {
     ("CheckpointLoaderSimple", "ckpt_name"): (("v1-5-pruned-emaonly.safetensors",), CHECKPOINT),
     ("LoadImage", "image"): (("example.png", "segmentation_map.png", "face_reference.png", "style.png"),
                              REFERENCE),
+    # Flux workflows: the tiny Flux files of test_model_families (a CLIP-L file stands in for T5 in validation)
+    ("UNETLoader", "unet_name"): (("flux1-dev.safetensors",), "ug-tiny-flux-dev-v1.safetensors"),
+    ("DualCLIPLoader", "clip_name1"): (("clip_l.safetensors",), "ug-tiny-clip-l-v1.safetensors"),
+    ("DualCLIPLoader", "clip_name2"): (("t5xxl_fp16.safetensors",), "ug-tiny-clip-l-v1.safetensors"),
+    ("VAELoader", "vae_name"): (("ae.safetensors",), "ug-tiny-ae16-v1.safetensors"),
 }
 
 

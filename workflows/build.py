@@ -410,9 +410,12 @@ def with_docs(nodes: list[Node]) -> list[Node]:
 def build(wf: Workflow, info: dict) -> dict:
     nodes, groups = description(wf)
     nodes = with_docs(nodes)
+    models = {"checkpoints": [CHECKPOINT]}
+    if any(n.type == "UNETLoader" for n in nodes):
+        models = {"diffusion_models": [FLUX_FILES["unet"]], "text_encoders": [FLUX_FILES["clip_l"], FLUX_FILES["t5"]],
+                  "vae": [FLUX_FILES["vae"]]}
     workflow = build_ui(stack_layout(nodes, info, groups), info, groups=groups, extra={"ug_workflow": {
-        "title": wf.title, "file": wf.file, "generated_by": "workflows/build.py",
-        "models": {"checkpoints": [CHECKPOINT]}}})
+        "title": wf.title, "file": wf.file, "generated_by": "workflows/build.py", "models": models}})
     problems = layout_problems(canvas_boxes(workflow), [{"name": g["title"], "box": g["bounding"]}
                                                         for g in workflow["groups"]])
     if problems:
@@ -585,6 +588,93 @@ EDIT_WORKFLOWS = [
              "the sofa's from the third (Appearance Transfer, each with its own reference)." + EDIT_NOTE),
 ]
 WORKFLOWS += EDIT_WORKFLOWS
+
+
+# -------------------------------------------------------------------------------------- Flux (whole graphs)
+
+FLUX_FILES = {"unet": "flux1-dev.safetensors", "clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors",
+              "vae": "ae.safetensors"}
+FLUX_NOTE = (
+    "\n\nModel files: Flux.1 [dev] — flux1-dev.safetensors in ComfyUI/models/diffusion_models/, clip_l.safetensors "
+    "and t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors) in ComfyUI/models/text_encoders/, ae.safetensors "
+    "in ComfyUI/models/vae/ (the files of ComfyUI's own Flux example). Flux is guidance-distilled: FluxGuidance "
+    "sets its guidance, cfg stays 1 and the negative (zeroed out) is unused — the conditional branch is the only "
+    "branch. UG Prompt encodes the positive prompt once: the self-guidance node finds 'dog' among its T5 tokens, "
+    "the tokens Flux attends to. Self-guidance reads Flux's joint attention (image queries against the text keys, "
+    "softmax over all keys); 'auto' captures every block and uses, per word, the blocks whose maps are most compact; "
+    "to read fewer blocks (less time and memory) name them in the node's 'blocks' input, e.g. 'double 15-18' "
+    "(the late double blocks public work reads text maps from). A gradient through Flux needs a lot of GPU memory: "
+    "UG Sampler Options' low_memory 'auto' recomputes blocks in the backward pass when it must. Needs ComfyUI "
+    "v0.3.60 or newer. Weights, strengths and blocks are starting points: they were not tuned on the real Flux "
+    "weights (the tests use random-weight models).")
+FLUX_PROMPT = "a photo of a dog on a beach, sunny day, highly detailed"
+FLUX_KNOBS = {"forward_strength": 0.2, "strength_mode": "normalized", "recurrence": 1}
+
+
+def flux_graph(wf, with_clip: bool):
+    """Flux (UNETLoader, DualCLIPLoader type flux, VAELoader), UG Prompt → FluxGuidance, the zeroed-out negative,
+    UG Move Object (chained after CLIP text guidance when ``with_clip``), UG Sampler in SamplerCustom at cfg 1."""
+    guidance_ids = [10]
+    move_inputs = {"conditioning": link(2, 0), "prompt": "", "words": "dog", "layers": "auto", "weight": 4.0,
+                   "start_percent": 0.0, "end_percent": 0.6, "mode": "to (x, y)", "x": 0.25, "y": 0.6}
+    chain = []
+    if with_clip:
+        chain = [clip_node(11, (C2, 530), text="a watercolor painting of a dog on a beach")]
+        move_inputs["guidance"] = link(11, "UG_GUIDANCE")
+        guidance_ids = [11, 10]
+    nodes = [
+        Node(30, "Note", (C0, 20), {"text": wf.note}, title="Read me: files and settings", size=(360, 420)),
+        Node(1, "UNETLoader", (C0, 500), {"unet_name": FLUX_FILES["unet"], "weight_dtype": "default"},
+             size=(360, 100)),
+        Node(40, "DualCLIPLoader", (C0, 640), {"clip_name1": FLUX_FILES["clip_l"], "clip_name2": FLUX_FILES["t5"],
+                                               "type": "flux"}, size=(360, 130)),
+        Node(41, "VAELoader", (C0, 810), {"vae_name": FLUX_FILES["vae"]}, size=(360, 60)),
+        Node(4, "EmptySD3LatentImage", (C0, 910), {"width": 1024, "height": 1024, "batch_size": 1},
+             size=(360, 110)),
+        Node(2, "UniversalGuidancePrompt", (C1, 20), {"clip": link(40, "CLIP"), "text": wf.positive},
+             title="Positive prompt (UG Prompt)", size=(400, 180)),
+        Node(42, "FluxGuidance", (C1, 250), {"conditioning": link(2, 0), "guidance": 3.5}, size=(400, 60)),
+        Node(3, "ConditioningZeroOut", (C1, 350), {"conditioning": link(2, 0)}, title="Negative (unused at cfg 1)",
+             size=(400, 30)),
+        *chain,
+        Node(10, "UniversalGuidanceSGMove", (C2, 820 if with_clip else 530), move_inputs, size=(340, 330)),
+        Node(20, "UniversalGuidanceSampler", (C3, 20), {"vae": link(41, "VAE"), "guidance": link(10, "UG_GUIDANCE"),
+                                                       **knobs_of(wf)}, size=(360, 160)),
+        Node(21, "BasicScheduler", (C3, 450), {"model": link(1, "MODEL"), "scheduler": "simple", "steps": 28,
+                                               "denoise": 1.0}, size=(360, 110)),
+        Node(5, "SamplerCustom", (C3, 610), {
+            "model": link(1, "MODEL"), "add_noise": True, "noise_seed": 0, "cfg": 1.0, "positive": link(42, 0),
+            "negative": link(3, 0), "sampler": link(20, "SAMPLER"), "sigmas": link(21, "SIGMAS"),
+            "latent_image": link(4, "LATENT")}, size=(360, 230)),
+        Node(6, "VAEDecode", (C4, 20), {"samples": link(5, 0), "vae": link(41, "VAE")}, size=(220, 50)),
+        Node(7, "SaveImage", (C4, 120), {"images": link(6, "IMAGE"),
+                                         "filename_prefix": "universal_guidance/" + wf.file[:-5]}, size=(420, 470)),
+        Node(24, "UniversalGuidanceRunReport", (C4, 620), {"sampler": link(20, "SAMPLER"), "latent": link(5, 0)},
+             size=(300, 60)),
+        Node(25, "PreviewImage", (C4, 720), {"images": link(24, "IMAGE")}, title="Run report", size=(420, 300)),
+    ]
+    return nodes, [Group(wf.guidance_title, guidance_ids, color="#8A8"), Group("Sampling", [5, 20, 21], color="#88A")]
+
+
+FLUX_WORKFLOWS = [
+    GraphWorkflow(
+        file="flux_move.json", title="Universal Guidance — Flux: move an object (self-guidance)",
+        name="Flux Move", sampler="graph", guidance=[], guidance_out=10,
+        guidance_title="Self-guidance on Flux: move the dog to (0.25, 0.6)", positive=FLUX_PROMPT,
+        knobs=FLUX_KNOBS, cfg=1.0, graph=lambda wf: flux_graph(wf, False),
+        note="Universal Guidance: self-guidance on Flux — move the object a word names through Flux's own joint "
+             "attention: the dog's attention centroid is pulled to x = 0.25, y = 0.6 (0, 0 = top left) during the "
+             "first 60 % of the steps." + FLUX_NOTE),
+    GraphWorkflow(
+        file="flux_move_plus_clip.json", title="Universal Guidance — Flux: move an object + CLIP text guidance",
+        name="Flux Move + CLIP text guidance", sampler="graph", guidance=[], guidance_out=10,
+        guidance_title="CLIP text guidance, then self-guidance on Flux: move the dog", positive=FLUX_PROMPT,
+        knobs=FLUX_KNOBS, cfg=1.0, graph=lambda wf: flux_graph(wf, True),
+        note="Universal Guidance: an external network and Flux's own attention in one sampler — CLIP text guidance "
+             "(ViT-B-32.pt in models/universal_guidance/clip/, downloaded on first use) steers the look, "
+             "self-guidance moves the dog to the left. Each term has its own weight and window." + FLUX_NOTE),
+]
+WORKFLOWS += FLUX_WORKFLOWS
 
 _scaffold_description = description
 
