@@ -153,3 +153,20 @@ def test_an_inverted_scene_is_reconstructed_and_moved_against_its_own_trajectory
     assert res["reconstruction"]["object_shift_mean"] < 0.02, res["reconstruction"]
     moved = bench.summarise(res["rows"]["move_keep"], bench.Edit("move_keep", "move_keep", 0.1))
     assert moved["error_reduction"] > 1.2, moved
+
+
+def test_the_real_image_edit_keeps_the_other_object_and_not_the_moved_one():
+    """``inversion.REAL_IMAGE_WEIGHTS``: Move + keep of a two-object scene has the move term and the other object's
+    keep-shape and keep-appearance terms against the given reference, and no keep term on the moved object (a zero
+    weight leaves its term out, not the other object's)."""
+    from benchmarks.shapes import inversion
+
+    scene = next(s for s in data.sample_scenes(20, bench.SCENE_SEED) if len(s) == 2)
+    ref = torch.zeros(1, 3, 32, 32)          # a reference latent stands in for the trajectory
+    edit = bench.Edit("move_keep", "move_keep", 0.2, weights=inversion.REAL_IMAGE_WEIGHTS)
+    ctx = {"targets": [(0.25, 0.25)], "oracle": {}, "keep_reference": lambda idx: ref}
+    terms = bench.build_guidance(edit, [scene], ctx, [0]).terms
+    assert [t.name for t in terms] == ["move", "other_shape", "other_appearance"]
+    assert all(t.loss.reference is ref for t in terms[1:])
+    everything = bench.build_guidance(bench.Edit("move_keep", "move_keep", 0.2), [scene], {**ctx}, [0]).terms
+    assert [t.name for t in everything] == ["move", "keep_appearance", "other_shape", "other_appearance"]

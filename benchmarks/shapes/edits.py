@@ -99,9 +99,10 @@ def build_guidance(edit: Edit, scenes, ctx: dict, idx: list) -> Guidance:
         targets = [ctx["targets"][i] for i in idx]
         terms += word_terms(BatchMoveLoss, "move", pos[0], edit.layers, oracle, w["move"] if edit.kind ==
                             "move_keep" else 1.0, targets=targets)
-    if edit.kind == "move_keep" and w["keep_appearance"]:
-        terms += word_terms(sg.AppearanceLoss, "keep_appearance", pos[0], edit.layers, oracle,
-                            w["keep_appearance"], reference=keep_ref)
+    if edit.kind == "move_keep":
+        if w["keep_appearance"]:
+            terms += word_terms(sg.AppearanceLoss, "keep_appearance", pos[0], edit.layers, oracle,
+                                w["keep_appearance"], reference=keep_ref)
         if len(pos) > 1:
             terms += word_terms(sg.KeepShapeLoss, "other_shape", pos[1], edit.layers, oracle, w["other_shape"],
                                 reference=keep_ref)
