@@ -50,7 +50,7 @@ test: host-frontend browser
 # do not depend on the host: `make test` runs them, test-current leaves them out.
 HOST_FREE_TESTS := test_engine test_augment_polyak test_selfguidance_engine test_guidance_networks test_digits_bench \
   test_loss_scale test_autocast_devices test_memory_bench \
-  test_shapes_bench test_install test_registry_metadata test_run_report test_docs_links
+  test_shapes_bench test_mmdit_bench test_install test_registry_metadata test_run_report test_docs_links
 CURRENT_TARBALL ?= $(abspath ../shared/hosts/comfyui-0.3.64.tar.gz)
 CURRENT_ROOT    ?= $(or $(TMPDIR),/tmp)/universal-guidance-hosts
 CURRENT_HOST    := $(CURRENT_ROOT)/comfyui-0.3.64
