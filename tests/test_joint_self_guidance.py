@@ -203,18 +203,19 @@ def trace_of(run_entry, term):
     return [e["terms"][term] for e in run_entry["trace"] if term in e["terms"]]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_move_brings_the_centroid_nearer_the_target(host, dit, seed):
+def test_move_brings_the_centroid_nearer_the_target(host, dit):
     """The word's map centroid (the Move loss, |centroid − target|) ends nearer the target than in the same run
-    with the capture on and no effective strength; nothing is decoded."""
-    _, _, clip, _ = dit
-    guided, g_run = ug_run(host, dit, move_term(host, clip), seed)
-    plain, p_run = ug_run(host, dit, move_term(host, clip), seed, forward_strength=1e-9)
-    g, p = trace_of(g_run, "move:cat"), trace_of(p_run, "move:cat")
-    assert g and p and all(v >= 0 for v in g)
-    assert g[-1] < p[-1], (g, p)
-    assert not torch.equal(guided, plain)
-    assert "0 guided decodes" in g_run["lines"][0]
+    with the capture on and no effective strength, for seeds 0, 1, 2 on SD3 and seed 0 on Flux (whose 3072-wide
+    blocks, fixed by ComfyUI's model detection, make each CPU run about 10× SD3's); nothing is decoded."""
+    fam, _, clip, _ = dit
+    for seed in (0,) if fam.name == "flux" else (0, 1, 2):
+        guided, g_run = ug_run(host, dit, move_term(host, clip), seed)
+        plain, p_run = ug_run(host, dit, move_term(host, clip), seed, forward_strength=1e-9)
+        g, p = trace_of(g_run, "move:cat"), trace_of(p_run, "move:cat")
+        assert g and p and all(v >= 0 for v in g)
+        assert g[-1] < p[-1], (seed, g, p)
+        assert not torch.equal(guided, plain)
+        assert "0 guided decodes" in g_run["lines"][0]
 
 
 def test_self_guidance_and_image_guidance_in_one_run_both_lower_their_losses(host, dit):
