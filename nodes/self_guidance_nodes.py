@@ -11,10 +11,13 @@ forward_strength 0.1–0.3 behaves the same whatever the weights' scale.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..guidance import selfguidance as sg
 from . import attention_capture as ac
+from . import joint_capture
 from .errors import GuidanceInputError
 from .guidance_nodes import CHAIN_INPUT, LossNode, add_term, term_inputs
 from .validation import CheckedNode
@@ -79,6 +82,22 @@ BLOCKS_INPUT = {"blocks": ("STRING", {
                "and 'all' apply)."})}
 
 
+_BLOCK_NAME = re.compile(joint_capture._RANGE[:-1] + r"$|(input|middle|output)\d+\.\d+$")
+
+
+def blocks_problems(values: dict) -> list:
+    """Validation of the optional ``blocks`` text: each comma-separated part a block range or a UNet layer name
+    (whether the model has them is checked when the sampler runs)."""
+    text = values.get("blocks")
+    if not isinstance(text, str) or not text.strip():
+        return []
+    bad = [p.strip() for p in re.split(r"[,;\n]", text) if p.strip() and not _BLOCK_NAME.match(p.strip().lower())]
+    if bad:
+        return [f"input 'blocks': {bad[0]!r} is neither a block range (e.g. 'double 15-18', 'single 0-3' on Flux, "
+                f"'joint 10-14' on SD3) nor a UNet layer name (e.g. 'output3.0'); leave it empty to use 'layers'"]
+    return []
+
+
 def layer_rule(layers: str, blocks: str = "") -> str:
     """The layer choice a term carries: the named ``blocks`` when given, else the ``layers`` rule."""
     return (blocks or "").strip() or layers
@@ -131,11 +150,11 @@ class SelfGuidanceNode(LossNode):
 
     @staticmethod
     def word_problems(values: dict) -> list:
-        words, prompt = values.get("words"), values.get("prompt")
+        words = values.get("words")
         problems = []
         if isinstance(words, str) and not split_words(words):
             problems.append("input 'words': empty; name a word of the prompt, e.g. 'dog'")
-        return problems
+        return problems + blocks_problems(values)
 
     @classmethod
     def problems(cls, values: dict) -> list:
