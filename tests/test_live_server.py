@@ -520,11 +520,12 @@ def test_every_workflow_loads_in_the_browser_with_nothing_overlapping(server, pa
     widgets, no group title is wider than its group, and loading shows no dialog. One browser session for all
     files."""
     info = get(server.url + "object_info", timeout=60)
-    report, checked, dump = {}, [], {}
+    report, checked, dump, unavailable = {}, [], {}, []
     for path in wfiles.WORKFLOWS:
         wf = wfiles.load(path)
         if {n["type"] for n in wf["nodes"]} - set(info) - {"Note", "MarkdownNote"}:
-            continue  # e.g. SamplerCustomAdvanced on the 2024-03 host (tests/test_workflows.py says so)
+            unavailable.append(os.path.basename(path))
+            continue  # e.g. SamplerCustomAdvanced or Flux's nodes on the 2024-03 host (tests/test_workflows.py)
         set_widgets(wf, info, wfiles.file_changes_ui(wf))
         load_workflow(page, wf)
         assert visible_dialogs(page) == [], (os.path.basename(path), visible_dialogs(page))
@@ -543,7 +544,8 @@ def test_every_workflow_loads_in_the_browser_with_nothing_overlapping(server, pa
     os.makedirs(SHOTS, exist_ok=True)
     with open(os.path.join(SHOTS, "workflow-geometry.json"), "w") as f:  # what the frontend drew, for a look
         json.dump(dump, f, indent=1)
-    assert len(checked) >= len(wfiles.WORKFLOWS) - 1, checked
+    assert len(checked) + len(unavailable) == len(wfiles.WORKFLOWS) and len(checked) >= len(wfiles.WORKFLOWS) - 3, \
+        (checked, unavailable)   # at most SamplerCustomAdvanced and the two Flux workflows need a newer host
     assert not report, "\n".join(f"{name}: {p}" for name, problems in report.items() for p in problems)
 
 
