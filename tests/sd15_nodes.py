@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import prompts
 from conftest import CHECKPOINT
+from headless.host import pack_module
+
+PROMPT = "a photo of a cat on a red sofa"
+SIZE = 64  # pixels: latent 8×8
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +29,20 @@ def encode(clip, text):
 
 def node(host, name):
     return host.node_types[name]()
+
+
+def sample(host, model, sd, guidance, *, seed=0, steps=6, cfg=3.0, prompt=PROMPT, **knobs):
+    """(output latent, the run's report entry) of the Universal Guidance SAMPLER through ComfyUI's sample_custom, on
+    ``model`` (the checkpoint's or a patched one) with the checkpoint's CLIP and VAE, normalized strength 0.3."""
+    import comfy.sample
+    _, clip, vae = sd
+    bridge = pack_module("nodes.comfy_bridge")
+    settings = {**prompts.KNOBS, "strength_mode": "normalized", "forward_strength": 0.3, **knobs}
+    with torch.inference_mode():
+        sampler = node(host, "UniversalGuidanceSampler").get_sampler(vae, guidance, **settings)[0]
+        sigmas = bridge.sigmas_for(model, "normal", steps, 1.0)
+        latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, encode(clip, prompt),
+                                         encode(clip, "blurry"), latent, seed=seed)
+    return out, sampler.ug_runs.runs[-1]

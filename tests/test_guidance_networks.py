@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from guidance import clip as ug_clip
 from guidance import detection as ug_det

@@ -8,7 +8,7 @@ import torch
 
 from guidance import FLOW, VE, Guidance, GuidanceTerm, Settings, Stats, sample_universal
 from guidance.inversion import Trajectory, invert, inversion_start
-from guidance.selfguidance import CaptureRequest, Internals, KeepShapeLoss
+from guidance.selfguidance import Internals, KeepShapeLoss
 
 
 def toy_denoiser(param, seed=0):

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import torch
 
-import prompts
 from headless.host import pack_module
-from sd15_nodes import encode, node, sd  # noqa: F401 - sd is a fixture
-
-SIZE = 64  # pixels: latent 8×8
-PROMPT = "a photo of a cat on a red sofa"
+from sd15_nodes import PROMPT, SIZE, node, sample, sd  # noqa: F401 - sd is a fixture
 
 
 def move_term(host, clip, start=0.0, end=1.0):
@@ -29,19 +25,7 @@ def keep_appearance_term(host, clip):
 
 
 def run(host, model, sd, guidance, *, steps, seed=0, cfg=3.0, **knobs):
-    """(output latent, the run's report entry) of the Universal Guidance SAMPLER through ComfyUI's sample_custom."""
-    import comfy.sample
-    _, clip, vae = sd
-    bridge = pack_module("nodes.comfy_bridge")
-    settings = {**prompts.KNOBS, "strength_mode": "normalized", "forward_strength": 0.3, **knobs}
-    with torch.inference_mode():
-        sampler = node(host, "UniversalGuidanceSampler").get_sampler(vae, guidance, **settings)[0]
-        sigmas = bridge.sigmas_for(model, "normal", steps, 1.0)
-        latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, encode(clip, PROMPT),
-                                         encode(clip, "blurry"), latent, seed=seed)
-    return out, sampler.ug_runs.runs[-1]
+    return sample(host, model, sd, guidance, seed=seed, steps=steps, cfg=cfg, **knobs)
 
 
 def watch_steps(monkeypatch):

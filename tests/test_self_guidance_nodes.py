@@ -13,10 +13,7 @@ import torch
 import prompts
 from conftest import CHECKPOINT
 from headless.host import pack_module
-from sd15_nodes import encode, node, sd  # noqa: F401 - sd is a fixture
-
-SIZE = 64  # pixels: latent 8×8
-PROMPT = "a photo of a cat on a red sofa"
+from sd15_nodes import PROMPT, SIZE, encode, node, sample, sd  # noqa: F401 - sd is a fixture
 
 
 def move_term(host, clip, weight, target=(0.15, 0.5), words="cat", layers="all", chain=None, end=0.6):
@@ -26,19 +23,8 @@ def move_term(host, clip, weight, target=(0.15, 0.5), words="cat", layers="all",
 
 
 def run(host, sd, guidance, seed, steps=6, cfg=3.0, **knobs):
-    """(output latent, the run's report entry) of the Universal Guidance SAMPLER through ComfyUI's sample_custom."""
-    import comfy.sample
-    model, clip, vae = sd
-    bridge = pack_module("nodes.comfy_bridge")
-    settings = {**prompts.KNOBS, "strength_mode": "normalized", "forward_strength": 0.3, **knobs}
-    with torch.inference_mode():
-        sampler = node(host, "UniversalGuidanceSampler").get_sampler(vae, guidance, **settings)[0]
-        sigmas = bridge.sigmas_for(model, "normal", steps, 1.0)
-        latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, encode(clip, PROMPT),
-                                         encode(clip, "blurry"), latent, seed=seed)
-    return out, sampler.ug_runs.runs[-1]
+    """(output latent, the run's report entry) on the checkpoint's own model (``sd15_nodes.sample``)."""
+    return sample(host, sd[0], sd, guidance, seed=seed, steps=steps, cfg=cfg, **knobs)
 
 
 def last_guided(run_entry, term):

@@ -109,6 +109,36 @@ def to_internals(maps: dict, feats, order: tuple = LAYERS) -> Internals:
     return Internals(out, feats)
 
 
+def guided_call(model, z: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor,
+                cfg_scale: float, capture, order, resize: bool):
+    """The network's output with CFG (``out(∅) + s·(out(c) − out(∅))``, uncond and cond in one batch, uncond first;
+    ``s = 1`` skips the uncond pass) and, with a ``capture``, the cond rows' ``Internals`` (maps resized to one
+    resolution unless ``resize`` is False); ``(output, None)`` without one."""
+    b = z.shape[0]
+    cond = tokens.to(z.device).expand(b, -1)
+    guided = cfg_scale != 1.0
+    if guided:
+        uncond = null_tokens.to(z.device).reshape(-1, cond.shape[1]).expand(b, -1)
+        z, t, ctx = torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond])
+    else:
+        ctx = cond
+    internals = None
+    if capture is None:
+        out = model(z, t, ctx)
+    else:
+        layers, features = _layers_of(capture)
+        with model.capture(layers, features) as rec:
+            out = model(z, t, ctx)
+        keep = slice(b, 2 * b) if guided else slice(0, b)
+        maps = {k: v[keep] for k, v in rec.maps.items()}
+        feats = rec.feats[keep] if features else None
+        internals = to_internals(maps, feats, order) if resize else Internals(maps, feats)
+    if guided:
+        o_u, o_c = out.chunk(2)
+        out = o_u + cfg_scale * (o_c - o_u)
+    return out, internals
+
+
 def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Tensor, cfg_scale: float,
                   schedule: Optional[Schedule] = None, resize: bool = True):
     """``denoise(x, sigma, capture=None)`` for ``guidance.sample_universal``.
@@ -141,26 +171,7 @@ def make_denoiser(model: ShapesUNet, tokens: torch.Tensor, null_tokens: torch.Te
         s = sigma.view(-1, 1, 1, 1)
         z = x / (1.0 + s * s).sqrt()
         t = schedule.sigma_to_t(sigma.cpu()).to(x.device)
-        cond = tokens.to(x.device).expand(b, -1)
-        guided = cfg_scale != 1.0
-        if guided:
-            uncond = null_tokens.to(x.device).reshape(-1, cond.shape[1]).expand(b, -1)
-            z, t, ctx = torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond])
-        else:
-            ctx = cond
-        if capture is None:
-            eps = model(z, t, ctx)
-        else:
-            layers, features = _layers_of(capture)
-            with model.capture(layers, features) as rec:
-                eps = model(z, t, ctx)
-            keep = slice(b, 2 * b) if guided else slice(0, b)
-            maps = {k: v[keep] for k, v in rec.maps.items()}
-            feats = rec.feats[keep] if features else None
-            internals = to_internals(maps, feats, order) if resize else Internals(maps, feats)
-        if guided:
-            e_u, e_c = eps.chunk(2)
-            eps = e_u + cfg_scale * (e_c - e_u)
+        eps, internals = guided_call(model, z, t, tokens, null_tokens, cfg_scale, capture, order, resize)
         if prediction == "v":
             # α·z − s_vp·v̂ with z = x/√(1+σ²), α = 1/√(1+σ²), s_vp = σ/√(1+σ²)
             x0 = x / (1.0 + s * s) - s / (1.0 + s * s).sqrt() * eps.to(x.dtype)

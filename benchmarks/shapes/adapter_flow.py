@@ -15,9 +15,7 @@ from typing import Optional
 
 import torch
 
-from guidance.selfguidance import Internals
-
-from .adapter import _layers_of, layer_names, to_internals
+from .adapter import guided_call, layer_names
 
 SHIFT = 1.0
 
@@ -52,28 +50,8 @@ def make_denoiser(model, tokens: torch.Tensor, null_tokens: torch.Tensor, cfg_sc
     order = layer_names(model)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor, capture: Optional[object] = None):
-        b = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(b)
-        cond = tokens.to(x.device).expand(b, -1)
-        guided = cfg_scale != 1.0
-        if guided:
-            uncond = null_tokens.to(x.device).reshape(-1, cond.shape[1]).expand(b, -1)
-            xin, t, ctx = torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond])
-        else:
-            xin, t, ctx = x, sigma, cond
-        if capture is None:
-            v = model(xin, t, ctx)
-        else:
-            layers, features = _layers_of(capture)
-            with model.capture(layers, features) as rec:
-                v = model(xin, t, ctx)
-            keep = slice(b, 2 * b) if guided else slice(0, b)
-            maps = {k: m[keep] for k, m in rec.maps.items()}
-            feats = rec.feats[keep] if features else None
-            internals = to_internals(maps, feats, order) if resize else Internals(maps, feats)
-        if guided:
-            v_u, v_c = v.chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        v, internals = guided_call(model, x, sigma, tokens, null_tokens, cfg_scale, capture, order, resize)
         x0 = x - sigma.view(-1, 1, 1, 1) * v.to(x.dtype)
         return x0 if capture is None else (x0, internals)
 

@@ -48,6 +48,7 @@ class Edit:
     end: float | None = None
     start: float = 0.0
     prompt: str = "caption"     # "shape": the edited object is named by its shape word only ("circle left of …")
+    step_bound: float | None = None   # the sampler's schedule-safe bound κ (None: ``Settings``' default)
 
     @property
     def colourless(self) -> tuple:
@@ -55,8 +56,9 @@ class Edit:
         return (0,) if self.prompt == "shape" else ()
 
     def settings(self, end: float) -> ug.Settings:
+        bound = {} if self.step_bound is None else {"step_bound": self.step_bound}
         return ug.Settings(forward_strength=self.strength, strength_mode=self.mode, start_percent=self.start,
-                           end_percent=self.end if self.end is not None else end)
+                           end_percent=self.end if self.end is not None else end, **bound)
 
 
 class BatchMoveLoss(sg.MoveLoss):

@@ -118,6 +118,7 @@ def measure(edit: Edit, scenes, twin_images, images, twin: list, guided: list, c
         if dt["present"] and dg["present"]:
             rec["area_ratio"] = dg["area"] / dt["area"]
             rec["largest_ratio"] = dg["largest_area"] / max(dt["largest_area"], 1e-9)
+            rec["twin_largest_area"] = float(dt["largest_area"])
             rec["shift"] = _dist(dg["centroid"], dt["centroid"])
         if edit.kind in ("move", "move_keep") and dt["centroid"] is not None:
             target = ctx["targets"][b]
@@ -142,6 +143,14 @@ def measure(edit: Edit, scenes, twin_images, images, twin: list, guided: list, c
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return round(float(np.mean(xs)), 4) if xs else None
+
+
+def largest_training_area() -> float:
+    """The detector's largest-blob area (image fraction) of the largest object in the training scenes: a circle of
+    equivalent radius ``RADIUS_ONE[1]`` (7.5 px; all shapes have their circle's area), centred."""
+    c = data.SIZE / 2
+    image = data.render([(data.Obj("red", "circle", c, c, data.RADIUS_ONE[1]),)])
+    return float(metrics.detect_colour(metrics.colour_scores(image)[0, 0]).largest_area)
 
 
 def summarise(rows: list, edit: Edit) -> dict:
@@ -183,6 +192,13 @@ def summarise(rows: list, edit: Edit) -> dict:
         out["error_reduction_per_seed"] = per_seed
     if edit.kind == "resize":
         out["size_target"] = edit.factor
+        # Growth split by whether the target size exists in the training data: a twin whose area × factor exceeds
+        # the largest training object's asks for an object the model has never drawn.
+        limit = largest_training_area()
+        for name, part in (("within_training", [r for r in both if r["twin_largest_area"] * edit.factor <= limit]),
+                           ("beyond_training", [r for r in both if r["twin_largest_area"] * edit.factor > limit])):
+            out[f"largest_ratio_{name}"] = {"n": len(part), "largest_ratio": _mean([r["largest_ratio"] for r in part]),
+                                            "class_kept": _mean([r["class_kept"] for r in part])}
     if edit.kind.startswith("appearance"):
         out["transferred"] = _mean([r["transferred"] for r in rows])
         out["old_colour_present"] = _mean([r["old_colour_present"] for r in rows])

@@ -58,10 +58,14 @@ def sliced(traj: Trajectory, idx: list) -> Trajectory:
 REAL_IMAGE_WEIGHTS = (("move", 1.0), ("keep_appearance", 0.0), ("other_shape", 0.5), ("other_appearance", 0.5))
 
 
-def default_edits(strength: float) -> tuple:
+def default_edits(strength: float, other_weight: float | None = None) -> tuple:
     """Move + keep the other object (the headline: the paper's real-image move), the same keeping the moved
-    object's appearance too, and Move alone."""
-    return (Edit("move_keep", "move_keep", strength, weights=REAL_IMAGE_WEIGHTS),
+    object's appearance too, and Move alone. ``other_weight`` replaces the keep terms' weight on the other object
+    (shape and appearance; default ``REAL_IMAGE_WEIGHTS``' 0.5)."""
+    weights = dict(REAL_IMAGE_WEIGHTS)
+    if other_weight is not None:
+        weights.update(other_shape=other_weight, other_appearance=other_weight)
+    return (Edit("move_keep", "move_keep", strength, weights=tuple(weights.items())),
             Edit("move_keep_all", "move_keep", strength), Edit("move", "move", strength))
 
 
@@ -83,7 +87,10 @@ def run_set(model, classifier, scenes, args, set_id: int, edits=None) -> dict:
                               "object_shift_mean": round(float(sum(shifts) / max(len(shifts), 1)), 4),
                               "both_correct": judged.get("both")}}
     rows = {}
-    for edit in edits or default_edits(args.strength):
+    wanted = getattr(args, "rows", None)
+    for edit in edits or default_edits(args.strength, getattr(args, "other_weight", None)):
+        if wanted and edit.name not in wanted:
+            continue
         images, stats = run_edit(model, edit, scenes, traj.start, set_id, ctx, args.steps, args.cfg, args.end)
         if stats["decoder_calls"]:
             raise AssertionError(f"{edit.name}: pure self-guidance ran the decoder {stats['decoder_calls']} times")
@@ -116,7 +123,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--end", type=float, default=0.6)
     ap.add_argument("--strength", type=float, default=0.2, help="normalized strength (the example workflows')")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--other-weight", type=float, default=None,
+                    help="weight of the keep terms on the other object in move_keep (default 0.5 of the move's)")
+    ap.add_argument("--rows", default="", help="comma-separated rows to run: move_keep, move_keep_all, move "
+                                               "(default: all)")
     args = ap.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(args.rows) - {e.name for e in default_edits(args.strength)})
+    if unknown:
+        raise SystemExit(f"--rows: unknown rows {unknown}")
     args.sets = [int(s) for s in args.sets.split(",") if s.strip()]
     torch.set_num_threads(args.threads)
     t0, c0 = time.time(), time.process_time()
@@ -141,6 +156,8 @@ def main(argv=None) -> dict:
               "model": args.model,
               "config": {"scenes": args.scenes, "sets": args.sets, "steps": args.steps, "cfg": args.cfg,
                          "iterations": args.iterations, "window": [0.0, args.end], "strength": args.strength,
+                         "other_weight": args.other_weight if args.other_weight is not None
+                         else dict(REAL_IMAGE_WEIGHTS)["other_shape"],
                          "strength_mode": "normalized", "layers": "auto"},
               "sets": sets, "edits": edits,
               "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}

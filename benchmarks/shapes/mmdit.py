@@ -28,7 +28,6 @@ so the prediction is bit-identical with and without a capture. With ``features``
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from benchmarks.digits.models import timestep_embedding
 
 from .adapter_flow import FLOW_SCHEDULE
 from .data import MAX_TOKENS, SIZE
-from .models import WEIGHTS, Recording, TextEncoder, parameter_count
+from .models import WEIGHTS, Recording, TextEncoder, file_meta, parameter_count, write_weights
 
 FILE = "mmdit_flow.safetensors"
 PATCH = 4
@@ -90,10 +89,30 @@ def joint_map(q: torch.Tensor, k: torch.Tensor, n_txt: int, hw: tuple) -> torch.
     return probs[..., :n_txt].mean(dim=1).unflatten(1, hw)
 
 
-class Stream(nn.Module):
-    """One stream's weights in a double block: adaLN (6 vectors), qkv, QK-norm, output projection, GELU MLP."""
+class LocalMLP(nn.Module):
+    """The image stream's MLP with a depthwise 3×3 convolution over the token grid between its two linear maps
+    (SANA's Mix-FFN): ``fc2(GELU(dwconv(fc1(x))))``. ``hw`` is the grid; tokens are row-major."""
 
-    def __init__(self, dim: int, heads: int, mlp: int):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+
+    def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+        return self.fc2(F.gelu(local_conv(self.dw, self.fc1(x), hw), approximate="tanh"))
+
+
+def local_conv(conv: nn.Conv2d, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+    """``conv`` over row-major grid tokens ``[B, H·W, C]`` → ``[B, H·W, C]``."""
+    grid = x.transpose(1, 2).unflatten(2, hw)
+    return conv(grid).flatten(2).transpose(1, 2)
+
+
+class Stream(nn.Module):
+    """One stream's weights in a double block: adaLN (6 vectors), qkv, QK-norm, output projection, GELU MLP
+    (``local``: the image stream's Mix-FFN, ``LocalMLP``)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, local: bool = False):
         super().__init__()
         self.heads = heads
         self.mod = nn.Linear(dim, 6 * dim)
@@ -102,7 +121,9 @@ class Stream(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp * dim, dim))
+        self.local = local
+        self.mlp = LocalMLP(dim, mlp * dim) if local else nn.Sequential(
+            nn.Linear(dim, mlp * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp * dim, dim))
         nn.init.zeros_(self.mod.weight)
         nn.init.zeros_(self.mod.bias)
 
@@ -111,34 +132,37 @@ class Stream(nn.Module):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(_modulate(self.norm1(x), m[0], m[1])).chunk(3, dim=-1))
         return self.q_norm(q), self.k_norm(k), v, m
 
-    def post(self, x: torch.Tensor, attn: torch.Tensor, m) -> torch.Tensor:
+    def post(self, x: torch.Tensor, attn: torch.Tensor, m, hw: tuple | None = None) -> torch.Tensor:
         x = x + m[2][:, None] * self.proj(attn)
-        return x + m[5][:, None] * self.mlp(_modulate(self.norm2(x), m[3], m[4]))
+        h = _modulate(self.norm2(x), m[3], m[4])
+        return x + m[5][:, None] * (self.mlp(h, hw) if self.local else self.mlp(h))
 
 
 class DoubleBlock(nn.Module):
     """SD3 joint block / Flux double-stream block: per-stream weights, joint attention over ``cat(txt, img)``."""
 
-    def __init__(self, dim: int, heads: int, mlp: int, name: str):
+    def __init__(self, dim: int, heads: int, mlp: int, name: str, local: bool = False):
         super().__init__()
         self.name, self.sink = name, None
-        self.txt, self.img = Stream(dim, heads, mlp), Stream(dim, heads, mlp)
+        self.txt, self.img = Stream(dim, heads, mlp), Stream(dim, heads, mlp, local)
 
     def forward(self, txt: torch.Tensor, img: torch.Tensor, vec: torch.Tensor, hw: tuple):
         tq, tk, tv, tm = self.txt.pre(txt, vec)
         iq, ik, iv, im = self.img.pre(img, vec)
         n = txt.shape[1]
         attn = JointAttention.run(self, torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), n, hw)
-        return self.txt.post(txt, attn[:, :n], tm), self.img.post(img, attn[:, n:], im)
+        return self.txt.post(txt, attn[:, :n], tm), self.img.post(img, attn[:, n:], im, hw)
 
 
 class SingleBlock(nn.Module):
     """Flux single-stream block over ``cat(txt, img)``: one input projection to qkv and the MLP, one output
     projection of ``cat(attention, GELU(mlp))``, adaLN (shift, scale, gate) from the conditioning vector."""
 
-    def __init__(self, dim: int, heads: int, mlp: int, name: str):
+    def __init__(self, dim: int, heads: int, mlp: int, name: str, local: bool = False):
         super().__init__()
         self.name, self.sink, self.heads, self.dim = name, None, heads, dim
+        # ``local``: a depthwise 3×3 convolution over the image tokens' MLP branch (Mix-FFN), text rows untouched.
+        self.dw = nn.Conv2d(mlp * dim, mlp * dim, 3, padding=1, groups=mlp * dim) if local else None
         self.mod = nn.Linear(dim, 3 * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear1 = nn.Linear(dim, 3 * dim + mlp * dim)
@@ -152,6 +176,8 @@ class SingleBlock(nn.Module):
         qkv, mlp = self.linear1(_modulate(self.norm(x), shift, scale)).split([3 * self.dim, self.linear1.out_features - 3 * self.dim], -1)
         q, k, v = (_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         attn = JointAttention.run(self, self.q_norm(q), self.k_norm(k), v, n_txt, hw)
+        if self.dw is not None:
+            mlp = torch.cat([mlp[:, :n_txt], local_conv(self.dw, mlp[:, n_txt:], hw)], 1)
         return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1))
 
 
@@ -163,10 +189,12 @@ class ShapesMMDiT(nn.Module):
     prediction = "flow"
 
     def __init__(self, dim: int = 128, heads: int = 4, depth: int = 4, single: int = 1, mlp: int = 2,
-                 context_dim: int = 64, patch: int = PATCH, feature_block: int | None = None, conv: int = 0):
+                 context_dim: int = 64, patch: int = PATCH, feature_block: int | None = None, conv: int = 0,
+                 local: int = 0):
         super().__init__()
         self.config = dict(dim=dim, heads=heads, depth=depth, single=single, mlp=mlp, context_dim=context_dim,
-                           patch=patch, feature_block=feature_block, conv=conv)
+                           patch=patch, feature_block=feature_block, conv=conv,
+                           local=local)
         self.patch, self.grid = patch, SIZE // patch
         self.schedule = FLOW_SCHEDULE   # σ = t, from 1 to 0 (adapter_flow)
         self.LAYERS = tuple(f"double{i}" for i in range(depth)) + tuple(f"single{i}" for i in range(single))
@@ -184,8 +212,8 @@ class ShapesMMDiT(nn.Module):
         cin = conv if conv else 3
         self.img_in = nn.Linear(cin * patch * patch, dim)
         self.pos = nn.Parameter(torch.randn(self.grid * self.grid, dim) * 0.02)
-        self.doubles = nn.ModuleList(DoubleBlock(dim, heads, mlp, f"double{i}") for i in range(depth))
-        self.singles = nn.ModuleList(SingleBlock(dim, heads, mlp, f"single{i}") for i in range(single))
+        self.doubles = nn.ModuleList(DoubleBlock(dim, heads, mlp, f"double{i}", bool(local)) for i in range(depth))
+        self.singles = nn.ModuleList(SingleBlock(dim, heads, mlp, f"single{i}", bool(local)) for i in range(single))
         self.final_mod = nn.Linear(dim, 2 * dim)
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.out_ch = conv // 2 if conv else 3
@@ -256,26 +284,17 @@ class ShapesMMDiT(nn.Module):
 
 
 def save(net: nn.Module, meta: dict, folder: Path = WEIGHTS) -> Path:
-    """fp16 state dict + ``meta`` (JSON, sorted keys) as safetensors metadata."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FILE
-    state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
-    return path
+    """fp16 state dict + ``meta`` (JSON, sorted keys) as safetensors metadata (``models.write_weights``)."""
+    return write_weights(net, meta, Path(folder) / FILE)
 
 
 def load(folder: Path = WEIGHTS, file: str = FILE) -> ShapesMMDiT:
     """The shipped MMDiT (eval mode, no parameter gradients)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(folder) / file
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv")
+    meta = file_meta(path)
+    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local")
     net = ShapesMMDiT(**{k: meta[k] for k in keys if k in meta})
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return net.eval().requires_grad_(False)

@@ -218,23 +218,32 @@ def parameter_count(net: nn.Module) -> int:
 FILES = {"diffusion": "diffusion.safetensors", "classifier": "shape_classifier.safetensors"}
 
 
-def save(module: nn.Module, name: str, meta: dict, folder: Path = WEIGHTS) -> Path:
-    """Write ``module``'s state dict as fp16 (half the size; loading casts back to fp32) with ``meta`` (JSON,
-    sorted keys) as safetensors metadata."""
+def write_weights(module: nn.Module, meta: dict, path: Path) -> Path:
+    """Write ``module``'s state dict to ``path`` as fp16 (half the size; loading casts back to fp32) with ``meta``
+    (JSON, sorted keys) as safetensors metadata. Every shipped shapes model is written by this."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / FILES[name]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
     return path
 
 
-def read_meta(name: str, folder: Path = WEIGHTS) -> dict:
+def file_meta(path: Path) -> dict:
+    """The ``meta`` a weights file was written with (``write_weights``)."""
     from safetensors import safe_open
 
-    with safe_open(str(folder / FILES[name]), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("meta", "{}"))
+
+
+def save(module: nn.Module, name: str, meta: dict, folder: Path = WEIGHTS) -> Path:
+    return write_weights(module, meta, Path(folder) / FILES[name])
+
+
+def read_meta(name: str, folder: Path = WEIGHTS) -> dict:
+    return file_meta(Path(folder) / FILES[name])
 
 
 def _load(module: nn.Module, name: str, folder: Path) -> nn.Module:

@@ -149,14 +149,12 @@ class ShapesUNetV(nn.Module):
 
 def load_unet(folder: Path = WEIGHTS, file: str = FILE) -> ShapesUNetV:
     """The shipped cosine/v model (eval mode, no parameter gradients)."""
-    import json
-
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from .models import file_meta
+
     path = Path(folder) / file
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    meta = file_meta(path)
     net = ShapesUNetV(**{k: meta[k] for k in ("ch", "emb", "context_dim", "heads") if k in meta})
     net.load_state_dict(load_file(str(path)))
     return net.eval().requires_grad_(False)

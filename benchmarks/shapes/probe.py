@@ -180,16 +180,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     if args.model == "cosine":
         from . import models2
-        model = models2.load_unet(args.weights)
-        from safetensors import safe_open
-        with safe_open(str(args.weights / models2.FILE), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        model, meta = models2.load_unet(args.weights), models.file_meta(args.weights / models2.FILE)
     elif args.model == "mmdit":
         from . import mmdit
-        model = mmdit.load(args.weights)
-        from safetensors import safe_open
-        with safe_open(str(args.weights / mmdit.FILE), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        model, meta = mmdit.load(args.weights), models.file_meta(args.weights / mmdit.FILE)
     else:
         model, meta = models.load_unet(args.weights), models.read_meta("diffusion", args.weights)
     classifier = models.load_classifier()

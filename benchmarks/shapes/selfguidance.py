@@ -38,6 +38,7 @@ Writes ``selfguidance.json``, ``selfguidance_grid.png`` and ``selfguidance_trade
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -88,6 +89,8 @@ def main(argv=None) -> dict:
                     help="shipped: models.ShapesUNet (scaled-linear ε); cosine: models2.ShapesUNetV (cosine to "
                          "σ 316, v-prediction, other layers); mmdit: mmdit.ShapesMMDiT (rectified flow, joint "
                          "attention; its 'decoder' rows read the last blocks, mmdit.LATE)")
+    ap.add_argument("--step-bound", type=float, default=None,
+                    help="the sampler's schedule-safe bound κ of every row (default: guidance.Settings' 0.2)")
     ap.add_argument("--rows", default="", help="comma-separated edit names to run (default: every row)")
     ap.add_argument("--name", default="", help="stem of the output files (default: selfguidance, "
                                                "selfguidance_cosine for --model cosine)")
@@ -130,6 +133,8 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"--rows: unknown rows {unknown}; rows: {[e.name for e, _ in plan]}")
         plan = [(e, ss) for e, ss in plan if e.name in wanted]
+    if args.step_bound is not None:
+        plan = [(dataclasses.replace(e, step_bound=args.step_bound), ss) for e, ss in plan]
 
     per_edit = {e.name: [] for e, _ in plan}
     costs = {e.name: {"seconds": 0.0, "cpu_seconds": 0.0, "denoiser_calls": 0, "denoiser_grad_calls": 0,

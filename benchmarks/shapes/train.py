@@ -50,18 +50,48 @@ def _ema_update(ema, net, decay: float) -> None:
             pe.lerp_(p.detach(), 1 - decay)
 
 
-def train_diffusion(cfg: dict = DIFFUSION, log=print, snapshot=None) -> tuple[models.ShapesUNet, dict]:
-    """Train the ε-UNet; ``snapshot(it, ema)`` (optional) is called every 500 iterations."""
+def run_training(cfg: dict, make_net, batch_loss, name: str, log=print, snapshot=None, log_every: int = 250,
+                 snapshot_every: int = 500, log_first: int = 0):
+    """The training loop every shapes diffusion model shares (``train``, ``train2``, ``train_mmdit``).
+
+    Seeded from ``cfg["seed"]`` (the network's initialisation after ``torch.manual_seed``, and a private generator
+    that ``batch_loss(net, it, gen, null_tokens)`` draws noise, times and caption drops from); AdamW with warm-up
+    and cosine decay (``_lr_lambda``), gradient clipping at 1, EMA (``_ema_update``); ``snapshot(it, ema)`` every
+    ``snapshot_every`` iterations. Returns ``(ema in eval mode, {final_loss, parameters, train_seconds,
+    cpu_seconds})``."""
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
-    net = models.ShapesUNet(cfg["ch"], cfg["emb"], cfg["context_dim"], cfg["heads"])
+    net = make_net()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    abar = adapter.SCHEDULE.alphas_cumprod.float()
     null = torch.tensor(data.tokenize(""))
     wall, cpu, running = time.time(), time.process_time(), None
     for it in range(cfg["iters"]):
+        loss = batch_loss(net, it, gen, null)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, net, min(cfg["ema"], (1 + it) / (10 + it)))
+        lv = float(loss.detach())
+        running = lv if running is None else 0.98 * running + 0.02 * lv
+        if (it + 1) % log_every == 0 or it + 1 == cfg["iters"] or it < log_first:
+            log(f"  {name} it {it + 1}/{cfg['iters']} loss {running:.4f} (last {lv:.4f}) "
+                f"({time.time() - wall:.0f}s wall, {time.process_time() - cpu:.0f} CPU-s)")
+        if snapshot is not None and (it + 1) % snapshot_every == 0:
+            snapshot(it + 1, ema)
+    return ema.eval(), dict(final_loss=round(running, 5), parameters=models.parameter_count(net),
+                            train_seconds=round(time.time() - wall, 1),
+                            cpu_seconds=round(time.process_time() - cpu, 1))
+
+
+def train_diffusion(cfg: dict = DIFFUSION, log=print, snapshot=None) -> tuple[models.ShapesUNet, dict]:
+    """Train the ε-UNet; ``snapshot(it, ema)`` (optional) is called every 500 iterations."""
+    abar = adapter.SCHEDULE.alphas_cumprod.float()
+
+    def batch_loss(net, it, gen, null):
         x0, tokens, _ = data.batch(cfg["batch"], cfg["seed"] * 1_000_003 + it, cfg["two_fraction"])
         b = x0.shape[0]
         t = torch.randint(0, adapter.T_STEPS, (b,), generator=gen)
@@ -74,24 +104,13 @@ def train_diffusion(cfg: dict = DIFFUSION, log=print, snapshot=None) -> tuple[mo
         weight = snr.clamp(max=cfg["min_snr"]) / snr
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = net(zt, t.float(), tokens)
-        loss = (weight * (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, net, min(cfg["ema"], (1 + it) / (10 + it)))
-        lv = float(loss.detach())
-        running = lv if running is None else 0.98 * running + 0.02 * lv
-        if (it + 1) % 250 == 0 or it + 1 == cfg["iters"]:
-            log(f"  diffusion it {it + 1}/{cfg['iters']} loss {running:.4f} "
-                f"({time.time() - wall:.0f}s wall, {time.process_time() - cpu:.0f} CPU-s)")
-        if snapshot is not None and (it + 1) % 500 == 0:
-            snapshot(it + 1, ema)
-    meta = dict(cfg, final_loss=round(running, 5), parameters=models.parameter_count(net),
-                schedule=f"scaled linear beta {adapter.BETA_START}..{adapter.BETA_END}, T={adapter.T_STEPS}",
-                train_seconds=round(time.time() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    return ema.eval(), meta
+        return (weight * (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    ema, stats = run_training(cfg, lambda: models.ShapesUNet(cfg["ch"], cfg["emb"], cfg["context_dim"], cfg["heads"]),
+                              batch_loss, "diffusion", log, snapshot)
+    meta = dict(cfg, schedule=f"scaled linear beta {adapter.BETA_START}..{adapter.BETA_END}, T={adapter.T_STEPS}",
+                **stats)
+    return ema, meta
 
 
 # ---------------------------------------------------------------------------------------------- classifier

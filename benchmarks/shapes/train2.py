@@ -14,15 +14,13 @@ with warm-up and cosine decay, EMA saved as fp16.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from . import data, models, models2
-from .train import _ema_update, _lr_lambda, sha256
+from .train import run_training, sha256
 
 DIFFUSION = dict(seed=7, ch=32, emb=128, context_dim=64, heads=4, iters=2000, batch=48, lr=2e-3, warmup=100,
                  lr_floor=0.05, ema=0.998, null_p=0.1, min_snr=5.0, two_fraction=0.6, weight_decay=0.0,
@@ -30,16 +28,9 @@ DIFFUSION = dict(seed=7, ch=32, emb=128, context_dim=64, heads=4, iters=2000, ba
 
 
 def train(cfg: dict = DIFFUSION, log=print, snapshot=None):
-    torch.manual_seed(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    net = models2.ShapesUNetV(cfg["ch"], cfg["emb"], cfg["context_dim"], cfg["heads"])
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     abar = models2.COSINE.alphas_cumprod.float()
-    null = torch.tensor(data.tokenize(""))
-    wall, cpu, running = time.time(), time.process_time(), None
-    for it in range(cfg["iters"]):
+
+    def batch_loss(net, it, gen, null):
         x0, tokens, scenes = data.batch(cfg["batch"], cfg["seed"] * 1_000_003 + it, cfg["two_fraction"])
         b = x0.shape[0]
         if cfg.get("colour_drop"):   # some objects named by their shape only: the model picks their colour
@@ -58,34 +49,17 @@ def train(cfg: dict = DIFFUSION, log=print, snapshot=None):
         weight = snr.clamp(max=cfg["min_snr"]) / (snr + 1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = net(zt, t.float(), tokens)
-        loss = (weight * (pred.float() - v).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        _ema_update(ema, net, min(cfg["ema"], (1 + it) / (10 + it)))
-        lv = float(loss.detach())
-        running = lv if running is None else 0.98 * running + 0.02 * lv
-        if (it + 1) % 100 == 0 or it + 1 == cfg["iters"]:
-            log(f"  cosine-v it {it + 1}/{cfg['iters']} loss {running:.4f} "
-                f"({time.time() - wall:.0f}s wall, {time.process_time() - cpu:.0f} CPU-s)")
-        if snapshot is not None and (it + 1) % 500 == 0:
-            snapshot(it + 1, ema)
-    meta = dict(cfg, final_loss=round(running, 5), parameters=models.parameter_count(net), prediction="v",
-                schedule=f"cosine sigma=tan(pi/2 u), sigma {models2.SIGMA_MIN}..{models2.SIGMA_MAX}, T=1000",
-                train_seconds=round(time.time() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    return ema.eval(), meta
+        return (weight * (pred.float() - v).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    ema, stats = run_training(cfg, lambda: models2.ShapesUNetV(cfg["ch"], cfg["emb"], cfg["context_dim"], cfg["heads"]),
+                              batch_loss, "cosine-v", log, snapshot, log_every=100)
+    meta = dict(cfg, prediction="v",
+                schedule=f"cosine sigma=tan(pi/2 u), sigma {models2.SIGMA_MIN}..{models2.SIGMA_MAX}, T=1000", **stats)
+    return ema, meta
 
 
 def save(net, meta: dict, folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / models2.FILE
-    state = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
-    return path
+    return models.write_weights(net, meta, Path(folder) / models2.FILE)
 
 
 def main(argv=None) -> dict:
