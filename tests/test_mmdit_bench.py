@@ -116,3 +116,21 @@ def test_move_on_the_mmdit_gets_nearer_the_target_than_the_twin_without_a_decode
     summary = bench.summarise(rows, edit)
     assert summary["error_reduction"] > 1.5, summary
     assert summary["colour_kept"] >= 3 / 4, summary
+
+
+def test_word_sensitivity_tells_a_model_that_draws_its_shape_words_from_one_that_does_not(shipped):
+    """``word_sensitivity``: on 4 one-object scenes at flow time 0.7, swapping the shape word moves the shipped
+    UNet's x̂0 by more than 1e-3 (it draws the caption's shape) and the shipped MMDiT's by less than 1e-4 (it does
+    not, the finding its README reports); the colour word moves both by more than 1e-3."""
+    from benchmarks.shapes import word_sensitivity as ws
+
+    net, _ = shipped
+    scenes = [s for s in data.sample_scenes(20, bench.SCENE_SEED) if len(s) == 1][:4]
+    unet = ws.sensitivity(models.load_unet(), scenes, times=(0.7,))["0.7"]
+    flow = ws.sensitivity(net, scenes, times=(0.7,))["0.7"]
+    assert unet["shape"] > 1e-3 and unet["colour"] > 1e-3, unet
+    assert flow["shape"] < 1e-4 < 1e-3 < flow["colour"], flow
+    obj = scenes[0][0]
+    swapped = ws._swapped(scenes[0], "shape")
+    assert sorted(c.split()[1] for c in swapped) == sorted(set(data.SHAPES) - {obj.shape}), swapped
+    assert all(c.split()[0] == obj.colour for c in swapped), swapped

@@ -190,11 +190,11 @@ class ShapesMMDiT(nn.Module):
 
     def __init__(self, dim: int = 128, heads: int = 4, depth: int = 4, single: int = 1, mlp: int = 2,
                  context_dim: int = 64, patch: int = PATCH, feature_block: int | None = None, conv: int = 0,
-                 local: int = 0):
+                 local: int = 0, pooled: int = 1):
         super().__init__()
         self.config = dict(dim=dim, heads=heads, depth=depth, single=single, mlp=mlp, context_dim=context_dim,
                            patch=patch, feature_block=feature_block, conv=conv,
-                           local=local)
+                           local=local, pooled=pooled)
         self.patch, self.grid = patch, SIZE // patch
         self.schedule = FLOW_SCHEDULE   # σ = t, from 1 to 0 (adapter_flow)
         self.LAYERS = tuple(f"double{i}" for i in range(depth)) + tuple(f"single{i}" for i in range(single))
@@ -202,7 +202,9 @@ class ShapesMMDiT(nn.Module):
         self.feature_block = depth // 2 - 1 if feature_block is None else feature_block
         self.text = TextEncoder(context_dim, heads)
         self.context_in = nn.Linear(context_dim, dim)
-        self.pooled = nn.Linear(context_dim, dim)
+        # ``pooled`` 0: the conditioning vector is the time alone (no pooled caption), so words reach the image only
+        # through the joint attention.
+        self.pooled = nn.Linear(context_dim, dim) if pooled else None
         self.time = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         # ``conv`` > 0: a 3×3 conv stem before the patches and a pixel head after them (U-ViT's final conv, and a
         # stand-in for the VAE decoder a latent MMDiT has): the head sees the unpatchified tokens and the stem's
@@ -265,7 +267,9 @@ class ShapesMMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         ctx = self.text(tokens)
-        vec = self.time(timestep_embedding(t * 1000.0, 256)) + self.pooled(ctx.mean(dim=1))
+        vec = self.time(timestep_embedding(t * 1000.0, 256))
+        if self.pooled is not None:
+            vec = vec + self.pooled(ctx.mean(dim=1))
         txt = self.context_in(ctx)
         stem = self.stem(x) if self.stem is not None else None
         img = self.img_in(self.patchify(x if stem is None else stem)) + self.pos
@@ -294,7 +298,7 @@ def load(folder: Path = WEIGHTS, file: str = FILE) -> ShapesMMDiT:
 
     path = Path(folder) / file
     meta = file_meta(path)
-    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local")
+    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local", "pooled")
     net = ShapesMMDiT(**{k: meta[k] for k in keys if k in meta})
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return net.eval().requires_grad_(False)

@@ -26,10 +26,11 @@ from .train import run_training, sha256
 DIFFUSION = dict(seed=11, dim=128, heads=4, depth=4, single=1, mlp=2, context_dim=64, patch=mmdit.PATCH, conv=32,
                  iters=900, batch=64, lr=1.5e-3, warmup=100, lr_floor=0.05, ema=0.995, null_p=0.1,
                  time_sampling="uniform", two_fraction=0.6, weight_decay=0.0)
-ARCH = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "conv", "local")
+ARCH = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "conv", "local", "pooled")
 # Settings ``--set`` may add that the shipped configuration leaves at the model's default (kept out of DIFFUSION so
-# that the shipped file's metadata, and so its bytes, stay what a rerun writes): ``local=1`` is the Mix-FFN variant.
-OPTIONAL = {"local": 0}
+# that the shipped file's metadata, and so its bytes, stay what a rerun writes): ``local=1`` is the Mix-FFN variant,
+# ``pooled=0`` drops the pooled caption from the conditioning vector.
+OPTIONAL = {"local": 0, "pooled": 1}
 
 
 def train(cfg: dict = DIFFUSION, log=print, snapshot=None, every: int = 300):
