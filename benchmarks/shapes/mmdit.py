@@ -45,6 +45,8 @@ FILE = "mmdit_flow.safetensors"
 PATCH = 4
 LAYERS = ("double0", "double1", "double2", "double3", "single0")   # capture names of the shipped configuration
 LATE = ("double3", "single0")   # its last blocks (the benchmark's "decoder" rows: what late-block recipes read)
+# ``ShapesMMDiT``'s constructor settings, as written into a weights file's metadata (``load`` reads them back).
+CONFIG = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local", "pooled")
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -298,8 +300,7 @@ def load(folder: Path = WEIGHTS, file: str = FILE) -> ShapesMMDiT:
 
     path = Path(folder) / file
     meta = file_meta(path)
-    keys = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local", "pooled")
-    net = ShapesMMDiT(**{k: meta[k] for k in keys if k in meta})
+    net = ShapesMMDiT(**{k: meta[k] for k in CONFIG if k in meta})
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return net.eval().requires_grad_(False)
 

@@ -50,6 +50,16 @@ def _ema_update(ema, net, decay: float) -> None:
             pe.lerp_(p.detach(), 1 - decay)
 
 
+def drop_colour_words(scenes, tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """The batch's tokens with each object's colour word left out with probability ``p`` (``"circle left of blue
+    square"``: the model picks that object's colour and must read its shape word). ``p`` 0: ``tokens`` unchanged,
+    nothing drawn from ``gen``."""
+    if not p:
+        return tokens
+    drop = (torch.rand(len(scenes), 2, generator=gen) < p).tolist()
+    return data.tokens([data.caption(s, {i for i in range(len(s)) if drop[j][i]}) for j, s in enumerate(scenes)])
+
+
 def run_training(cfg: dict, make_net, batch_loss, name: str, log=print, snapshot=None, log_every: int = 250,
                  snapshot_every: int = 500, log_first: int = 0):
     """The training loop every shapes diffusion model shares (``train``, ``train2``, ``train_mmdit``).

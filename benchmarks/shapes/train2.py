@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import data, models, models2
-from .train import run_training, sha256
+from .train import drop_colour_words, run_training, sha256
 
 DIFFUSION = dict(seed=7, ch=32, emb=128, context_dim=64, heads=4, iters=2000, batch=48, lr=2e-3, warmup=100,
                  lr_floor=0.05, ema=0.998, null_p=0.1, min_snr=5.0, two_fraction=0.6, weight_decay=0.0,
@@ -33,10 +33,7 @@ def train(cfg: dict = DIFFUSION, log=print, snapshot=None):
     def batch_loss(net, it, gen, null):
         x0, tokens, scenes = data.batch(cfg["batch"], cfg["seed"] * 1_000_003 + it, cfg["two_fraction"])
         b = x0.shape[0]
-        if cfg.get("colour_drop"):   # some objects named by their shape only: the model picks their colour
-            drop_c = (torch.rand(b, 2, generator=gen) < cfg["colour_drop"]).tolist()
-            tokens = data.tokens([data.caption(s, {i for i in range(len(s)) if drop_c[j][i]})
-                                  for j, s in enumerate(scenes)])
+        tokens = drop_colour_words(scenes, tokens, cfg.get("colour_drop", 0.0), gen)
         t = torch.randint(0, models2.COSINE.steps, (b,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < cfg["null_p"]

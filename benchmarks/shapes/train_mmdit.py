@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from . import data, mmdit, models
-from .train import run_training, sha256
+from .train import drop_colour_words, run_training, sha256
 
 DIFFUSION = dict(seed=11, dim=128, heads=4, depth=4, single=1, mlp=2, context_dim=64, patch=mmdit.PATCH, conv=32,
                  iters=900, batch=64, lr=1.5e-3, warmup=100, lr_floor=0.05, ema=0.995, null_p=0.1,
                  time_sampling="uniform", two_fraction=0.6, weight_decay=0.0)
-ARCH = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "conv", "local", "pooled")
+ARCH = tuple(k for k in mmdit.CONFIG if k != "feature_block")   # what --set may change of the network
 # Settings ``--set`` may add that the shipped configuration leaves at the model's default (kept out of DIFFUSION so
 # that the shipped file's metadata, and so its bytes, stay what a rerun writes): ``local=1`` is the Mix-FFN variant,
 # ``pooled=0`` drops the pooled caption from the conditioning vector, ``colour_drop=0.2`` names 20 % of the objects by
@@ -38,10 +38,7 @@ def train(cfg: dict = DIFFUSION, log=print, snapshot=None, every: int = 300):
     def batch_loss(net, it, gen, null):
         x0, tokens, scenes = data.batch(cfg["batch"], cfg["seed"] * 1_000_003 + it, cfg["two_fraction"])
         b = x0.shape[0]
-        if cfg.get("colour_drop"):   # some objects named by their shape only (as train2): shape words must be read
-            drop_c = (torch.rand(b, 2, generator=gen) < cfg["colour_drop"]).tolist()
-            tokens = data.tokens([data.caption(s, {i for i in range(len(s)) if drop_c[j][i]})
-                                  for j, s in enumerate(scenes)])
+        tokens = drop_colour_words(scenes, tokens, cfg.get("colour_drop", 0.0), gen)
         t = torch.rand(b, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < cfg["null_p"]
