@@ -657,23 +657,26 @@ def flux_graph(wf, with_clip: bool):
     return nodes, [Group(wf.guidance_title, guidance_ids, color="#8A8"), Group("Sampling", [5, 20, 21], color="#88A")]
 
 
+def flux_workflow(file: str, title: str, name: str, guidance_title: str, with_clip: bool, note: str):
+    """A whole-graph Flux workflow (``flux_graph``) with the shared prompt, knobs and the Flux files' note."""
+    return GraphWorkflow(file=file, title=title, name=name, sampler="graph", guidance=[], guidance_out=10,
+                         guidance_title=guidance_title, positive=FLUX_PROMPT, knobs=FLUX_KNOBS, cfg=1.0,
+                         graph=lambda wf: flux_graph(wf, with_clip), note=note + FLUX_NOTE)
+
+
 FLUX_WORKFLOWS = [
-    GraphWorkflow(
-        file="flux_move.json", title="Universal Guidance — Flux: move an object (self-guidance)",
-        name="Flux Move", sampler="graph", guidance=[], guidance_out=10,
-        guidance_title="Self-guidance on Flux: move the dog to (0.25, 0.6)", positive=FLUX_PROMPT,
-        knobs=FLUX_KNOBS, cfg=1.0, graph=lambda wf: flux_graph(wf, False),
-        note="Universal Guidance: self-guidance on Flux — move the object a word names through Flux's own joint "
-             "attention: the dog's attention centroid is pulled to x = 0.25, y = 0.6 (0, 0 = top left) during the "
-             "first 60 % of the steps." + FLUX_NOTE),
-    GraphWorkflow(
-        file="flux_move_plus_clip.json", title="Universal Guidance — Flux: move an object + CLIP text guidance",
-        name="Flux Move + CLIP text guidance", sampler="graph", guidance=[], guidance_out=10,
-        guidance_title="CLIP text guidance, then self-guidance on Flux: move the dog", positive=FLUX_PROMPT,
-        knobs=FLUX_KNOBS, cfg=1.0, graph=lambda wf: flux_graph(wf, True),
-        note="Universal Guidance: an external network and Flux's own attention in one sampler — CLIP text guidance "
-             "(ViT-B-32.pt in models/universal_guidance/clip/, downloaded on first use) steers the look, "
-             "self-guidance moves the dog to the left. Each term has its own weight and window." + FLUX_NOTE),
+    flux_workflow(
+        "flux_move.json", "Universal Guidance — Flux: move an object (self-guidance)", "Flux Move",
+        "Self-guidance on Flux: move the dog to (0.25, 0.6)", False,
+        "Universal Guidance: self-guidance on Flux — move the object a word names through Flux's own joint "
+        "attention: the dog's attention centroid is pulled to x = 0.25, y = 0.6 (0, 0 = top left) during the "
+        "first 60 % of the steps."),
+    flux_workflow(
+        "flux_move_plus_clip.json", "Universal Guidance — Flux: move an object + CLIP text guidance",
+        "Flux Move + CLIP text guidance", "CLIP text guidance, then self-guidance on Flux: move the dog", True,
+        "Universal Guidance: an external network and Flux's own attention in one sampler — CLIP text guidance "
+        "(ViT-B-32.pt in models/universal_guidance/clip/, downloaded on first use) steers the look, "
+        "self-guidance moves the dog to the left. Each term has its own weight and window."),
 ]
 WORKFLOWS += FLUX_WORKFLOWS
 
