@@ -25,7 +25,9 @@ WORDS = ("colour", "shape")
 PAPER_KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 3.0, "other_shape": 2.5, "other_appearance": 3.0}
 KEEP_WEIGHTS = {"move": 1.0, "keep_appearance": 0.5, "other_shape": 0.5, "other_appearance": 0.5}
 BOUND_STATS = ("bound_checked", "bound_acted", "bound_x0_acted")   # the sampler's schedule-safe bound, counted
-MODELS = {"shipped": models.load_unet, "cosine": lambda: models2.load_unet(), "mmdit": lambda: mmdit.load()}
+# Loaders by model name: ``MODELS[name](folder=models.WEIGHTS)``; ``FILES[name]`` is the weights file in that folder.
+MODELS = {"shipped": models.load_unet, "cosine": models2.load_unet, "mmdit": mmdit.load}
+FILES = {"shipped": models.FILES["diffusion"], "cosine": models2.FILE, "mmdit": mmdit.FILE}
 DECODERS = {"shipped": DECODER, "cosine": models2.DECODER, "mmdit": mmdit.LATE}
 
 

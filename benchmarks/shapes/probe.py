@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import adapter, data, metrics, models
+from .edits import FILES, MODELS
 
 SCENE_SEED = 2024
 CAPTURE_STEPS = (5, 15, 25, 35, 45)
@@ -178,14 +179,7 @@ def main(argv=None) -> dict:
                          "mmdit.ShapesMMDiT (rectified flow, weights/mmdit_flow.safetensors in --weights)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model == "cosine":
-        from . import models2
-        model, meta = models2.load_unet(args.weights), models.file_meta(args.weights / models2.FILE)
-    elif args.model == "mmdit":
-        from . import mmdit
-        model, meta = mmdit.load(args.weights), models.file_meta(args.weights / mmdit.FILE)
-    else:
-        model, meta = models.load_unet(args.weights), models.read_meta("diffusion", args.weights)
+    model, meta = MODELS[args.model](args.weights), models.file_meta(args.weights / FILES[args.model])
     classifier = models.load_classifier()
     scenes = data.sample_scenes(args.scenes, SCENE_SEED)
     capture_steps = [int(s) for s in args.capture.split(",") if s.strip()]

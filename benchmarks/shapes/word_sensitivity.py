@@ -66,16 +66,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.weights is None:
-        model = MODELS[args.model]()
-    elif args.model == "mmdit":
-        from . import mmdit
-        model = mmdit.load(args.weights)
-    elif args.model == "cosine":
-        from . import models2
-        model = models2.load_unet(args.weights)
-    else:
-        model = models.load_unet(args.weights)
+    model = MODELS[args.model](args.weights or models.WEIGHTS)
     scenes = [s for s in data.sample_scenes(4 * args.scenes, SCENE_SEED) if len(s) == 1][:args.scenes]
     report = {"model": args.model, "weights": str(args.weights or models.WEIGHTS), "scenes": len(scenes),
               "by_time": sensitivity(model, scenes)}
