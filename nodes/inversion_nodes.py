@@ -16,7 +16,9 @@ import comfy.utils
 import comfy.model_management as mm
 
 from ..guidance.inversion import Trajectory, invert
-from .comfy_bridge import _normal, parameterization_of, sigmas_for
+from .autograd_weights import _normal
+from .comfy_bridge import sigmas_for
+from .run_setup import parameterization_of
 from .errors import GuidanceInputError
 from .validation import CheckedNode
 

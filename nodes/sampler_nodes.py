@@ -226,7 +226,7 @@ def expert_knobs(node: str, options, prompt, unique_id, linked: dict) -> dict:
     if problems:
         raise GuidanceInputError(
             f"{node}: " + "; ".join(problems) + " (set on this node itself, the layout of an earlier release; "
-            f"these inputs now belong on a 'UG Sampler Options' node connected to 'options')")
+            "these inputs now belong on a 'UG Sampler Options' node connected to 'options')")
     return {**EXPERT_DEFAULTS, **validation.legacy_mapped(UniversalGuidanceSamplerOptions, direct)}
 
 

@@ -42,7 +42,7 @@ def test_blocks_adding_in_place_to_their_inputs_give_the_same_gradient(host):
     blocks gives a wrong gradient (checked too, so the test can fail)."""
     from headless.host import pack_module
     gc_ = pack_module("nodes.guided_calls")
-    bridge = pack_module("nodes.comfy_bridge")
+    weights = pack_module("nodes.autograd_weights")
     torch.manual_seed(0)
     stem = torch.nn.Linear(8, 8).requires_grad_(False)
     blocks = torch.nn.ModuleList([_InplaceBlock() for _ in range(3)]).requires_grad_(False)
@@ -52,7 +52,7 @@ def test_blocks_adding_in_place_to_their_inputs_give_the_same_gradient(host):
         vec = torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(2))
         targets = [] if copy_saved is None else [(b, copy_saved) for b in blocks]
         with gc_.low_memory(targets):
-            with torch.autograd.graph.saved_tensors_hooks(bridge._pack_saved, bridge._unpack_saved):
+            with torch.autograd.graph.saved_tensors_hooks(weights._pack_saved, weights._unpack_saved):
                 h = stem(x)
                 for b in blocks:
                     h = b(h, vec)
@@ -144,10 +144,10 @@ def guided(host, fam, loaded, low_memory: bool, monkeypatch=None):
         return t
 
     if monkeypatch is not None:  # the denoiser's own saved-tensor hooks (Flux blocks add residuals in place)
-        bridge = pack_module("nodes.comfy_bridge")
-        pack, targeted = bridge._pack_saved, bridge._InplaceTargets.pack
-        monkeypatch.setattr(bridge, "_pack_saved", lambda t: pack(record(t)))
-        monkeypatch.setattr(bridge._InplaceTargets, "pack", lambda self, t: targeted(self, record(t)))
+        weights = pack_module("nodes.autograd_weights")
+        pack, targeted = weights._pack_saved, weights._InplaceTargets.pack
+        monkeypatch.setattr(weights, "_pack_saved", lambda t: pack(record(t)))
+        monkeypatch.setattr(weights._InplaceTargets, "pack", lambda self, t: targeted(self, record(t)))
     img = torch.zeros(1, SIZE, SIZE, 3)
     img[:, :, : SIZE // 2] = 1.0
     channels = 4 if fam.name == "sdxl" else 16

@@ -37,15 +37,15 @@ def reference(host):
 
 @pytest.fixture
 def reserved(monkeypatch):
-    """The ``memory_required`` of every ``load_models_gpu`` call the bridge makes (the call goes through; the
+    """The ``memory_required`` of every ``load_models_gpu`` call the run's setup makes (the call goes through; the
     host's own calls, e.g. for text encoding, are not recorded)."""
     import comfy.model_management as mm
     seen = []
-    bridge_mm = pack("comfy_bridge").mm
+    bridge_mm = pack("run_setup").mm
     load = bridge_mm.load_models_gpu
 
     def spy(models, memory_required=0, *args, **kwargs):
-        if sys._getframe(1).f_globals.get("__name__", "").endswith("comfy_bridge"):
+        if sys._getframe(1).f_globals.get("__name__", "").endswith("run_setup"):
             seen.append(memory_required)
         return load(models, memory_required, *args, **kwargs)
 
@@ -101,7 +101,7 @@ def test_reservation_covers_the_backward_pass_and_auto_says_which(host, referenc
 def test_auto_turns_low_memory_on_where_the_run_would_not_fit(host, reference, caplog, monkeypatch):
     """The decision reads the device's free memory from ComfyUI after loading: with less free than the run
     needs without recomputation, auto recomputes (the same model, the same latent)."""
-    monkeypatch.setattr(pack("comfy_bridge"), "free_memory", lambda device: 1024.0)
+    monkeypatch.setattr(pack("run_setup"), "free_memory", lambda device: 1024.0)
     line = run(host, caplog, 6)
     assert line.group(1) == "auto → on", line.group(0)
 

@@ -1,7 +1,7 @@
 """Guided runs use the model's weights in place: no copy of the model.
 
 The stock loaders create weights as inference tensors, which autograd may not save; the bridge gives the run a
-normal, frozen tensor on the same storage instead of a copy (``comfy_bridge.TrainableWeights``), and puts the
+normal, frozen tensor on the same storage instead of a copy (``autograd_weights.TrainableWeights``), and puts the
 original tensor objects back after the run. Real executor, real loaders, tiny random models; the tiny SD1.5
 checkpoint on every host, the tiny Flux model (tests/test_model_families.py) where the host has Flux.
 
@@ -46,7 +46,7 @@ def reference(host):
 @pytest.fixture
 def swaps(monkeypatch):
     """(original, tensor put in its place) for every weight the bridge swapped, recorded after each refresh()."""
-    weights = pack("comfy_bridge").TrainableWeights
+    weights = pack("autograd_weights").TrainableWeights
     refresh = weights.refresh
     seen = []
 
@@ -127,7 +127,7 @@ def outputs(host, result):
 
 
 def test_sd15_guided_run_copies_no_weights(host, reference, swaps, caplog, monkeypatch):
-    weights = pack("comfy_bridge").TrainableWeights
+    weights = pack("autograd_weights").TrainableWeights
     # The reference: the same guided run with copies (what the bridge did before it aliased weights).
     monkeypatch.setattr(weights, "copy_weights", True)
     copied = run(host, sd15_prompt(2.0, 1.0e5), caplog)
@@ -163,8 +163,8 @@ def test_sd15_guided_run_copies_no_weights(host, reference, swaps, caplog, monke
 @pytest.fixture
 def saved_copies(monkeypatch):
     """(bytes copied, bytes of gradient-path activations saved) of each denoiser call on models whose blocks add a
-    residual in place (``comfy_bridge._InplaceTargets``), recorded when the call's guard closes."""
-    targets = pack("comfy_bridge")._InplaceTargets
+    residual in place (``autograd_weights._InplaceTargets``), recorded when the call's guard closes."""
+    targets = pack("autograd_weights")._InplaceTargets
     close = targets.close
     seen = []
 
@@ -221,7 +221,7 @@ def test_family_guided_run_copies_no_weights(host, reference, swaps, saved_copie
             p["8"]["inputs"]["max_step"] = 1.0e6  # far above any update here; makes the prompt new
             p["17"]["inputs"]["filename_prefix"] = "alias_copy_all"
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(pack("comfy_bridge"), "_host_has_inplace_residual", lambda: True)
+                mp.setattr(pack("autograd_weights"), "_host_has_inplace_residual", lambda: True)
                 copy_all = run(host, p, caplog)
             image = np.asarray(Image.open(output_file(host, copy_all.outputs["17"]["images"][0])).convert("RGB"))
             np.testing.assert_allclose(image.astype(np.float64) / 255.0, images["guided"], atol=1.5 / 255)

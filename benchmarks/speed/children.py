@@ -72,9 +72,8 @@ def saved_activations_gb(latent: int, batch: int = 1, cfg_on: bool = True) -> di
     from comfy.taesd import taesd
 
     from headless.random_models import FULL_SD15_UNET, VAE_DDCONFIG
-    bridge = pack_module("nodes.comfy_bridge")
     guided_calls = pack_module("nodes.guided_calls")
-    inplace = bridge._host_has_inplace_residual()
+    inplace = pack_module("nodes.autograd_weights")._host_has_inplace_residual()
     big = 1 << 40
 
     def count(fn, inp, per_save: bool):

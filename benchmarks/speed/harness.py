@@ -318,9 +318,11 @@ class HostBench:
 
     def _load_with(self, base, vaes, x):
         """The UNet and every VAE in ``vaes`` on the device together, reserving what a guided iteration with the
-        largest of them needs (``comfy_bridge.load_together`` with ``memory_plan``'s estimate, low_memory off)."""
-        plan = importlib.import_module(self.bridge.__name__.rsplit(".", 1)[0] + ".memory_plan")
-        patchers = [p for p in [self.bridge._model_patcher_of(base)] + [getattr(v, "patcher", None) for v in vaes]
+        largest of them needs (``run_setup.load_together`` with ``memory_plan``'s estimate, low_memory off)."""
+        package = self.bridge.__name__.rsplit(".", 1)[0]
+        plan = importlib.import_module(package + ".memory_plan")
+        setup = importlib.import_module(package + ".run_setup")
+        patchers = [p for p in [setup._model_patcher_of(base)] + [getattr(v, "patcher", None) for v in vaes]
                     if p is not None]
         memory = max(plan.plan("off", base, v, tuple(x.shape), 2 * x.shape[0], None, x.device).reserve for v in vaes)
         self.mm.load_models_gpu(patchers, memory_required=int(memory))

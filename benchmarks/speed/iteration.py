@@ -20,7 +20,7 @@ thread). The quantities:
   gets from ComfyUI (a probe SAMPLER run through the same ``comfy.sample.sample_custom`` call, set up exactly as
   ``nodes/comfy_bridge.py`` sets up a run): the denoiser (ComfyUI's model wrapper incl. CFG, i.e.
   ``model(x, sigma, **extra_args)``) forward+backward, the decoder (``first_stage_model.decode`` through
-  ``comfy_bridge.make_decoder``) forward+backward, and the guidance terms forward+backward.
+  ``run_setup.make_decoder``) forward+backward, and the guidance terms forward+backward.
 * ``overhead_ratio`` = guided iteration ÷ (sum of the parts); 1.0 means the sampler wastes nothing around them.
 * ``peak_rss_mb``: the process's resident memory, sampled every few ms while the sampler runs (on CUDA also
   ``peak_cuda_mb`` from ``torch.cuda.max_memory_allocated``).

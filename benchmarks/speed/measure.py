@@ -126,7 +126,8 @@ class ModeBench(HostBench):
 
     def _low_memory_targets(self, ctx):
         unet = getattr(ctx.base, "diffusion_model", None)
-        inplace = self.bridge._host_has_inplace_residual() or self.bridge._model_has_inplace_residual(ctx.base)
+        weights = pack_module("nodes.autograd_weights")
+        inplace = weights._host_has_inplace_residual() or weights._model_has_inplace_residual(ctx.base)
         targets = self.guided_calls.checkpoint_targets(unet, None, inplace)
         for vae in self.vaes.values():
             targets += self.guided_calls.checkpoint_targets(None, vae.first_stage_model, inplace)
