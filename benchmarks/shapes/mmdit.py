@@ -3,12 +3,15 @@
 The transformer model of the shapes benchmark, built as SD3's MMDiT / Flux's double and single blocks are, so
 that self-guidance can be measured on joint attention, not only on a UNet's cross-attention:
 
-- **Tokens.** The 32×32×3 image (after a 3×3 conv stem, ``conv`` channels) is cut into ``PATCH``×``PATCH``
-  patches (4×4 → an 8×8 grid of 64 image tokens), each linearly embedded, plus a learned position embedding.
-  The output tokens are unpatchified and a small 3×3 conv head (with the stem's features as a skip) draws the
-  pixels — the part a latent MMDiT leaves to its VAE decoder. (Without it, ``conv=0``, the same transformer
-  sampled scattered 4×4 blocks: 30 % correct shapes after 900 iterations, every sample with extra blobs.) The caption's 8 tokens go through the same causal
-  text layer as the UNets (``models.TextEncoder``), then a linear map to the model width.
+- **Tokens.** The shipped model (``hourglass=24``, ``Hourglass``): a convolutional encoder — 3×3 conv and a
+  residual block at 32² (24 channels), stride-2 convs and blocks at 16² (48) and 8² (96) — turns the image into
+  the 8×8 grid of 64 image tokens (linear to the width, plus a learned position embedding); after the blocks a
+  decoder with the encoder's features as skips draws the pixels. It is the stand-in for the VAE of SD3 / Flux,
+  trained end to end, conditioned on the time only, so the caption reaches the image only through the blocks.
+  (``hourglass=0``: the earlier patch models — ``PATCH``×``PATCH`` patches of the image, or of a 3×3 conv stem's
+  ``conv`` channels with a small conv head — never read their shape words; see the README.) The caption's 8
+  tokens go through the same causal text layer as the UNets (``models.TextEncoder``), then a linear map to the
+  model width.
 - **Double blocks** ``double0`` … (SD3 joint blocks / Flux double-stream blocks): text and image keep their own
   weights (adaLN modulation, q/k/v projections, QK-RMSNorm, output projection, MLP) and attend **jointly** over
   ``cat(text, image)`` — text first, as in ComfyUI's and BFL's code.
@@ -35,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.digits.models import timestep_embedding
+from benchmarks.digits.models import ResBlock, timestep_embedding
 
 from .adapter_flow import FLOW_SCHEDULE
 from .data import MAX_TOKENS, SIZE
@@ -46,7 +49,8 @@ PATCH = 4
 LAYERS = ("double0", "double1", "double2", "double3", "single0")   # capture names of the shipped configuration
 LATE = ("double3", "single0")   # its last blocks (the benchmark's "decoder" rows: what late-block recipes read)
 # ``ShapesMMDiT``'s constructor settings, as written into a weights file's metadata (``load`` reads them back).
-CONFIG = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local", "pooled")
+CONFIG = ("dim", "heads", "depth", "single", "mlp", "context_dim", "patch", "feature_block", "conv", "local", "pooled",
+          "hourglass")
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -183,6 +187,35 @@ class SingleBlock(nn.Module):
         return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1))
 
 
+class Hourglass(nn.Module):
+    """The convolutional encoder and decoder around the transformer (``ShapesMMDiT(hourglass=c)``): 3×3 conv and a
+    residual block at 32² (c), stride-2 conv and a block at 16² (2c), again at 8² (4c: the tokens' input); the
+    decoder mirrors it with the encoder's features concatenated at each level (U-Net skips) and ends in GroupNorm,
+    SiLU and a zero-initialised 3×3 conv to RGB. Residual blocks take the time embedding (``emb`` wide)."""
+
+    def __init__(self, c: int, emb: int):
+        super().__init__()
+        self.inc = nn.Conv2d(3, c, 3, padding=1)
+        self.e32, self.e16, self.e8 = ResBlock(c, c, emb), ResBlock(2 * c, 2 * c, emb), ResBlock(4 * c, 4 * c, emb)
+        self.down1, self.down2 = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1)
+        self.d8, self.d16, self.d32 = ResBlock(8 * c, 4 * c, emb), ResBlock(4 * c, 2 * c, emb), ResBlock(2 * c, c, emb)
+        self.up1, self.up2 = nn.Conv2d(4 * c, 2 * c, 3, padding=1), nn.Conv2d(2 * c, c, 3, padding=1)
+        self.out_norm = nn.GroupNorm(8, c)
+        self.out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> list:
+        h32 = self.e32(self.inc(x), emb)
+        h16 = self.e16(self.down1(h32), emb)
+        return [h32, h16, self.e8(self.down2(h16), emb)]
+
+    def decode(self, h: torch.Tensor, skips: list, emb: torch.Tensor) -> torch.Tensor:
+        h32, h16, h8 = skips
+        h = self.d8(torch.cat([h, h8], 1), emb)
+        h = self.d16(torch.cat([self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest")), h16], 1), emb)
+        h = self.d32(torch.cat([self.up2(F.interpolate(h, scale_factor=2.0, mode="nearest")), h32], 1), emb)
+        return self.out(F.silu(self.out_norm(h)))
+
+
 class ShapesMMDiT(nn.Module):
     """v(x_t, t, tokens) = n − x0 for 3×32×32 images in [-1, 1]; ``t`` is the flow time in [0, 1] (1 = noise).
 
@@ -192,12 +225,19 @@ class ShapesMMDiT(nn.Module):
 
     def __init__(self, dim: int = 128, heads: int = 4, depth: int = 4, single: int = 1, mlp: int = 2,
                  context_dim: int = 64, patch: int = PATCH, feature_block: int | None = None, conv: int = 0,
-                 local: int = 0, pooled: int = 1):
+                 local: int = 0, pooled: int = 1, hourglass: int = 0):
         super().__init__()
         self.config = dict(dim=dim, heads=heads, depth=depth, single=single, mlp=mlp, context_dim=context_dim,
                            patch=patch, feature_block=feature_block, conv=conv,
-                           local=local, pooled=pooled)
-        self.patch, self.grid = patch, SIZE // patch
+                           local=local, pooled=pooled, hourglass=hourglass)
+        # ``hourglass`` c > 0: a convolutional encoder (32² → 16² → 8², channels c / 2c / 4c, a residual block per
+        # level) turns the image into the 8×8 grid of image tokens, and a decoder with skips back (``Hourglass``),
+        # conditioned on the time only — the stand-in for SD3's / Flux's VAE, trained end to end. The caption
+        # reaches the image only inside the transformer (joint attention and the pooled adaLN vector).
+        self.hourglass = Hourglass(hourglass, dim) if hourglass else None
+        if hourglass:
+            patch, conv = 1, 0
+        self.patch, self.grid = patch, (SIZE // 4 if hourglass else SIZE // patch)
         self.schedule = FLOW_SCHEDULE   # σ = t, from 1 to 0 (adapter_flow)
         self.LAYERS = tuple(f"double{i}" for i in range(depth)) + tuple(f"single{i}" for i in range(single))
         # Ψ: the image stream after this double block (default: the middle one).
@@ -213,17 +253,19 @@ class ShapesMMDiT(nn.Module):
         # features (a skip), so edges need not be drawn patch by patch. 0: the plain linear patch in / out.
         self.conv = conv
         self.stem = nn.Sequential(nn.Conv2d(3, conv, 3, padding=1), nn.SiLU()) if conv else None
-        cin = conv if conv else 3
+        cin = 4 * hourglass if hourglass else (conv if conv else 3)
         self.img_in = nn.Linear(cin * patch * patch, dim)
         self.pos = nn.Parameter(torch.randn(self.grid * self.grid, dim) * 0.02)
         self.doubles = nn.ModuleList(DoubleBlock(dim, heads, mlp, f"double{i}", bool(local)) for i in range(depth))
         self.singles = nn.ModuleList(SingleBlock(dim, heads, mlp, f"single{i}", bool(local)) for i in range(single))
         self.final_mod = nn.Linear(dim, 2 * dim)
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.out_ch = conv // 2 if conv else 3
+        self.out_ch = 4 * hourglass if hourglass else (conv // 2 if conv else 3)
         self.final = nn.Linear(dim, self.out_ch * patch * patch)
         zero = [self.final_mod, self.final]
-        if conv:
+        if hourglass:
+            zero = [self.final_mod, self.hourglass.out]
+        elif conv:
             self.head = nn.Sequential(nn.Conv2d(self.out_ch + conv, conv, 3, padding=1), nn.SiLU(),
                                       nn.Conv2d(conv, 3, 3, padding=1))
             zero = [self.final_mod, self.head[-1]]
@@ -269,10 +311,14 @@ class ShapesMMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         ctx = self.text(tokens)
-        vec = self.time(timestep_embedding(t * 1000.0, 256))
+        vec = temb = self.time(timestep_embedding(t * 1000.0, 256))
         if self.pooled is not None:
             vec = vec + self.pooled(ctx.mean(dim=1))
         txt = self.context_in(ctx)
+        skips = None
+        if self.hourglass is not None:
+            skips = self.hourglass.encode(x, temb)
+            x = skips[-1]
         stem = self.stem(x) if self.stem is not None else None
         img = self.img_in(self.patchify(x if stem is None else stem)) + self.pos
         hw = (self.grid, self.grid)
@@ -286,6 +332,8 @@ class ShapesMMDiT(nn.Module):
             h = blk(h, vec, n, hw)
         shift, scale = self.final_mod(F.silu(vec)).chunk(2, dim=-1)
         out = self.unpatchify(self.final(_modulate(self.final_norm(h[:, n:]), shift, scale)))
+        if skips is not None:
+            return self.hourglass.decode(out, skips, temb)
         return out if stem is None else self.head(torch.cat([out, stem], 1))
 
 
