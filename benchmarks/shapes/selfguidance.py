@@ -91,6 +91,8 @@ def main(argv=None) -> dict:
                          "attention; its 'decoder' rows read the last blocks, mmdit.LATE)")
     ap.add_argument("--step-bound", type=float, default=None,
                     help="the sampler's schedule-safe bound κ of every row (default: guidance.Settings' 0.2)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="folder of the diffusion model's weights (default: the shipped ones, weights/)")
     ap.add_argument("--flow-shift", type=float, default=None,
                     help="flow models: sample with SD3's time shift s (σ' = s·σ / (1 + (s − 1)·σ); default 1, none)")
     ap.add_argument("--rows", default="", help="comma-separated edit names to run (default: every row)")
@@ -104,7 +106,7 @@ def main(argv=None) -> dict:
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip() and int(s) in seeds] or seeds[:1]
     layer_seeds = [int(s) for s in (args.layer_seeds or args.seeds).split(",") if s.strip() and int(s) in seeds]
     t0, cpu0 = time.time(), time.process_time()
-    model, classifier = MODELS[args.model](), models.load_classifier()
+    model, classifier = MODELS[args.model](args.weights or models.WEIGHTS), models.load_classifier()
     if args.flow_shift is not None:
         if getattr(model, "prediction", None) != "flow":
             raise SystemExit("--flow-shift: only for a flow model (--model mmdit)")
@@ -247,7 +249,8 @@ def main(argv=None) -> dict:
                    "appearance_strength": args.appearance_strength, "keep_weights": KEEP_WEIGHTS,
                    "paper_keep_weights": PAPER_KEEP_WEIGHTS, "targets": TARGETS,
                    "other_clearance": OTHER_CLEARANCE, "sweep_seeds": sweep_seeds, "quick": args.quick,
-                   "flow_shift": args.flow_shift, "step_bound": args.step_bound},
+                   "flow_shift": args.flow_shift, "step_bound": args.step_bound,
+                   "weights": str(args.weights or models.WEIGHTS)},
         "unguided": uq,
         "move": edits.get("move"), "resize": edits.get("resize"), "appearance": edits.get("appearance"),
         "move_keep": edits.get("move_keep"), "move_keep_paper": edits.get("move_keep_paper"),
