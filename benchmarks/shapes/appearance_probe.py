@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import adapter, data, models, models2
+from . import adapter, data, models
 
 BLOCKS = {"shipped": ("t_down16", "t_down8", "t_mid8", "t_up8", "t_up16", "u32"),
           "cosine": ("t_enc16", "t_mid8", "m2", "t_dec16", "t_dec32"),
@@ -58,13 +58,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", choices=("shipped", "cosine", "mmdit"), default="shipped")
     ap.add_argument("--scenes", type=int, default=120)
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--weights", type=Path, default=None, help="folder of the weights (default: the shipped ones)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.model == "mmdit":
-        from . import mmdit
-        model = mmdit.load()
-    else:
-        model = models.load_unet() if args.model == "shipped" else models2.load_unet()
+    from .edits import MODELS
+    model = MODELS[args.model](args.weights or models.WEIGHTS)
     flow = getattr(model, "prediction", "eps") == "flow"
     sched = adapter.schedule_of(model)
     scenes = data.sample_scenes(args.scenes, 99)
