@@ -114,7 +114,7 @@ def test_move_on_the_mmdit_gets_nearer_the_target_than_the_twin_without_a_decode
     assert stats["decoder_calls"] == 0 and stats["denoiser_grad_calls"] > 0
     rows = bench.measure(edit, scenes, twin_images, images, twin, bench.analyse(classifier, images), ctx, seed)
     summary = bench.summarise(rows, edit)
-    assert summary["error_reduction"] > 1.25, summary   # the shipped MMDiT: 1.41 (the 100-scene row: 2.54×)
+    assert summary["error_reduction"] > 2.0, summary   # the shipped MMDiT: 5.1
     assert summary["colour_kept"] >= 3 / 4, summary
 
 

@@ -24,7 +24,7 @@ from . import data, mmdit, models
 from .train import drop_colour_words, run_training, sha256
 
 DIFFUSION = dict(seed=11, dim=128, heads=4, depth=4, single=1, mlp=2, context_dim=64, patch=mmdit.PATCH, conv=32,
-                 hourglass=24, iters=1500, batch=64, lr=1.5e-3, warmup=100, lr_floor=0.05, ema=0.995, null_p=0.1,
+                 hourglass=24, iters=2500, batch=64, lr=1.5e-3, warmup=100, lr_floor=0.05, ema=0.995, null_p=0.1,
                  time_sampling="uniform", two_fraction=0.6, weight_decay=0.0)
 ARCH = tuple(k for k in mmdit.CONFIG if k != "feature_block")   # what --set may change of the network
 # Settings ``--set`` may add that the shipped configuration leaves at the model's default (kept out of DIFFUSION so
